@@ -1,0 +1,186 @@
+"""Parameter and multiply-accumulate (MAC) counts.
+
+`measure_model(model, H, W)` measures a built network with torch's FlopCounterMode
+(convolutions with their groups and dilation, and linear layers; 1 MAC = 2 FLOPs).
+`CostTable` gives the same two numbers for a genotype without building the network: the cost
+of a network is a base (stem, final BN, classifier) plus one entry per residual block that
+depends only on the block's position and type, so a table of (position x type) costs, made
+once from single blocks, prices hundreds of thousands of genotypes in milliseconds.
+
+    python count_ops.py --genotype genotypes/bs800k.csv        # WRN-40-2 unless told otherwise
+"""
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from models.blocks import (SEARCH_SPACE, UserError, get_block_type, make_block,
+                           residual_blocks)
+from models.resnet import LAYERS, ResNet
+from models.wide_resnet import WideResNet, wrn_block_count
+
+
+def count_params(module: nn.Module) -> int:
+    """Learned parameters as the original counts them: the state dict less BN running
+    statistics, `num_batches_tracked` and masks."""
+    return sum(v.numel() for k, v in module.state_dict().items()
+               if "running" not in k and "num_batches_tracked" not in k and "mask" not in k)
+
+
+@torch.no_grad()
+def count_macs(module: nn.Module, x: torch.Tensor) -> int:
+    """MACs of convolutions and linear layers in one forward of `module` on `x`."""
+    was_training = module.training
+    module.eval()  # BN in eval mode: no running-stat update from a counting pass
+    with FlopCounterMode(display=False) as counter:
+        module(x)
+    module.train(was_training)
+    return int(counter.get_total_flops()) // 2
+
+
+def measure_model(model: nn.Module, H: int, W: int) -> Tuple[int, int]:
+    """(MACs, params) of `model` for one 3 x H x W image."""
+    device = next(model.parameters()).device
+    return count_macs(model, torch.zeros(1, 3, H, W, device=device)), count_params(model)
+
+
+# --------------------------------------------------------------------------------------------
+# Analytic costs of genotypes.
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BlockSlot:
+    """One residual-block position: its channels, stride and input size."""
+    in_planes: int
+    out_planes: int
+    stride: int
+    size: int  # input height = width
+
+
+def wrn_slots(depth: int, width: int, image_size: int = 32) -> List[BlockSlot]:
+    n = wrn_block_count(depth) // 3
+    ch = [16, 16 * width, 32 * width, 64 * width]
+    return _group_slots(ch, [n, n, n], [1, 2, 2], image_size)
+
+
+def resnet_slots(layers: Sequence[int], image_size: int = 224) -> List[BlockSlot]:
+    ch = [64, 64, 128, 256, 512]
+    return _group_slots(ch, list(layers), [1, 2, 2, 2], image_size // 4)  # stem divides by 4
+
+
+def _group_slots(ch, counts, strides, size) -> List[BlockSlot]:
+    slots = []
+    for g, (n, s) in enumerate(zip(counts, strides)):
+        for i in range(n):
+            slots.append(BlockSlot(ch[g] if i == 0 else ch[g + 1], ch[g + 1],
+                                   s if i == 0 else 1, size))
+            if i == 0:
+                size = (size + s - 1) // s
+    return slots
+
+
+def block_cost(name: str, slot: BlockSlot) -> Tuple[int, int]:
+    """(params, MACs) of one residual block of type `name` at `slot`."""
+    block = make_block(name, slot.in_planes, slot.out_planes, slot.stride)
+    x = torch.zeros(1, slot.in_planes, slot.size, slot.size)
+    return count_params(block), count_macs(block, x)
+
+
+class CostTable:
+    """Costs of every (position, block type) of one network family.
+
+    params[i, t] and macs[i, t] are the costs of block type names[t] at position i;
+    cost(genotype) = base + sum over positions. Built from single blocks, so it is exact.
+    """
+
+    def __init__(self, slots: List[BlockSlot], base_net: nn.Module, image_size: int,
+                 names: Sequence[str] = SEARCH_SPACE):
+        self.names = list(names)
+        self.index = {n: t for t, n in enumerate(self.names)}
+        for n in self.names:
+            get_block_type(n)
+        cache: Dict[Tuple[str, BlockSlot], Tuple[int, int]] = {}
+        for slot in set(slots):
+            for n in self.names:
+                cache[n, slot] = block_cost(n, slot)
+        self.params = np.array([[cache[n, s][0] for n in self.names] for s in slots], np.int64)
+        self.macs = np.array([[cache[n, s][1] for n in self.names] for s in slots], np.int64)
+        # The base is what a uniform network costs beyond its blocks.
+        macs, params = measure_model(base_net, image_size, image_size)
+        conv = [cache.get(("Conv", s)) or block_cost("Conv", s) for s in slots]
+        self.base_params = params - sum(c[0] for c in conv)
+        self.base_macs = macs - sum(c[1] for c in conv)
+
+    @classmethod
+    def for_wrn(cls, depth=40, width=2, num_classes=10, names=SEARCH_SPACE, image_size=32):
+        net = WideResNet(depth, width, "Conv", num_classes)
+        return cls(wrn_slots(depth, width, image_size), net, image_size, names)
+
+    @classmethod
+    def for_resnet(cls, arch="resnet34", num_classes=1000, names=SEARCH_SPACE, image_size=224):
+        net = ResNet(LAYERS[arch], "Conv", num_classes)
+        return cls(resnet_slots(LAYERS[arch], image_size), net, image_size, names)
+
+    @property
+    def n_positions(self) -> int:
+        return self.params.shape[0]
+
+    def encode(self, genotype: Sequence[str]) -> np.ndarray:
+        """Genotype -> array of type indices into `names`."""
+        if len(genotype) != self.n_positions:
+            raise UserError(f"genotype has {len(genotype)} block types but the network has "
+                            f"{self.n_positions} residual blocks")
+        try:
+            return np.array([self.index[n] for n in genotype], np.int64)
+        except KeyError as e:
+            get_block_type(e.args[0])  # unknown anywhere: the listing error
+            raise UserError(f"block type {e.args[0]!r} is not in this search space: "
+                            + ", ".join(self.names)) from None
+
+    def cost(self, genotype: Sequence[str]) -> Tuple[int, int]:
+        """(params, MACs) of a genotype."""
+        idx = self.encode(genotype)
+        pos = np.arange(self.n_positions)
+        return (int(self.base_params + self.params[pos, idx].sum()),
+                int(self.base_macs + self.macs[pos, idx].sum()))
+
+    def cost_many(self, codes: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Vectorised costs of an (N, positions) array of type indices."""
+        pos = np.arange(self.n_positions)
+        return (self.base_params + self.params[pos, codes].sum(1),
+                self.base_macs + self.macs[pos, codes].sum(1))
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Parameters and MACs of a network or genotype.")
+    p.add_argument("--genotype", help="genotype CSV (default: a uniform network of --conv)")
+    p.add_argument("--conv", default="Conv", help="block type of a uniform network")
+    p.add_argument("--arch", default="wrn", choices=["wrn", *LAYERS])
+    p.add_argument("--wrn_depth", default=40, type=int)
+    p.add_argument("--wrn_width", default=2, type=int)
+    p.add_argument("--num_classes", default=None, type=int)
+    return p
+
+
+def main(args):
+    from funcs import load_genotype  # funcs imports this module
+    convs = load_genotype(args.genotype) if args.genotype else args.conv
+    if args.arch == "wrn":
+        net = WideResNet(args.wrn_depth, args.wrn_width, convs, args.num_classes or 10)
+        size = 32
+    else:
+        net = ResNet(LAYERS[args.arch], convs, args.num_classes or 1000)
+        size = 224
+    macs, params = measure_model(net, size, size)
+    print(f"params {params:,}  MACs {macs:,}  blocks {len(residual_blocks(net))}")
+    return macs, params
+
+
+if __name__ == "__main__":
+    from funcs import run_cli
+    run_cli(main, get_args_parser())

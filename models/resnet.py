@@ -1,0 +1,53 @@
+"""Pre-activation ResNet for ImageNet built from the same residual blocks, as the original
+BlockSwap code (stem conv-BN-ReLU-maxpool, four groups, global average pool, no final BN)."""
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.blocks import NetworkBlock, check_genotype, init_weights
+
+LAYERS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
+
+
+class ResNet(nn.Module):
+    """forward(x) -> (logits, [output of each of the 4 groups])."""
+
+    def __init__(self, layers=(3, 4, 6, 3), convs="Conv", num_classes=1000,
+                 nChannels=(64, 64, 128, 256, 512)):
+        super().__init__()
+        layers = tuple(layers)
+        self.layers, self.num_classes = layers, num_classes
+        self.genotype = check_genotype(convs, sum(layers), f"ResNet{tuple(layers)}")
+        ch = nChannels
+
+        self.conv1 = nn.Conv2d(3, ch[0], 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(ch[0])
+        self.mpool = nn.MaxPool2d(3, stride=2, padding=1)
+        start = 0
+        for g, n in enumerate(layers):
+            group = NetworkBlock(ch[g], ch[g + 1], 1 if g == 0 else 2,
+                                 self.genotype[start:start + n])
+            setattr(self, f"block{g + 1}", nn.ModuleList([group]))
+            start += n
+        self.fc = nn.Linear(ch[-1], num_classes)
+        init_weights(self)
+
+    @property
+    def convs(self):
+        return list(self.genotype)
+
+    def forward(self, x):
+        activations = []
+        out = self.mpool(F.relu(self.bn1(self.conv1(x))))
+        for g in range(len(self.layers)):
+            out = getattr(self, f"block{g + 1}")[0](out)
+            activations.append(out)
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)   # = avg_pool2d(out, 7) at 224x224
+        return self.fc(out), activations
+
+
+def resnet18(convs="Conv", num_classes=1000):
+    return ResNet(LAYERS["resnet18"], convs, num_classes)
+
+
+def resnet34(convs="Conv", num_classes=1000):
+    return ResNet(LAYERS["resnet34"], convs, num_classes)

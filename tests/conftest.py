@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny generated datasets in the layouts the real loaders read."""
+import os
+import pickle
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SHARED_CIFAR = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg")
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+           "truck"]
+
+
+def _images(n, seed):
+    """n random 32x32 RGB images whose colour depends on the label, so a net can learn."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % len(CLASSES)
+    imgs = rng.integers(0, 60, size=(n, 32, 32, 3), dtype=np.uint8)
+    imgs[..., 0] += (labels * 19).astype(np.uint8)[:, None, None]
+    return imgs, labels
+
+
+def write_imagefolder(root, n_train=40, n_test=20, ext="png"):
+    from PIL import Image
+    for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
+        imgs, labels = _images(n, seed)
+        for i, (img, y) in enumerate(zip(imgs, labels)):
+            d = os.path.join(root, split, CLASSES[y])
+            os.makedirs(d, exist_ok=True)
+            Image.fromarray(img).save(os.path.join(d, f"{i:04d}.{ext}"))
+    return str(root)
+
+
+def write_cifar10_batches(root, n_train=20, n_test=10):
+    """torchvision's cifar-10-batches-py layout (data_batch_1..5, test_batch, batches.meta)."""
+    d = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(d, exist_ok=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for k, name in enumerate(names):
+        n = n_test if name == "test_batch" else n_train // 5
+        imgs, labels = _images(n, k)
+        entry = {"data": imgs.transpose(0, 3, 1, 2).reshape(n, -1), "labels": labels.tolist()}
+        with open(os.path.join(d, name), "wb") as f:
+            pickle.dump(entry, f)
+    with open(os.path.join(d, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": CLASSES}, f)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_imagefolder(tmp_path_factory):
+    """train/<class>/*.png (40 images) and test/<class>/*.png (20 images)."""
+    return write_imagefolder(tmp_path_factory.mktemp("imagefolder"))
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar(tmp_path_factory):
+    return write_cifar10_batches(tmp_path_factory.mktemp("cifar"))
+
+
+@pytest.fixture
+def cifar_no_md5(monkeypatch):
+    """Our generated pickles are not the real files: skip torchvision's md5 check only."""
+    import torchvision.datasets as D
+    monkeypatch.setattr(D.CIFAR10, "_check_integrity", lambda self: True)
