@@ -49,6 +49,32 @@ def measure_model(model: nn.Module, H: int, W: int) -> Tuple[int, int]:
     return count_macs(model, torch.zeros(1, 3, H, W, device=device)), count_params(model)
 
 
+@torch.no_grad()
+def paper_macs(model: nn.Module, H: int, W: int) -> int:
+    """MACs as the BlockSwap paper reports them: convolutions and linear layers, plus one op per
+    element through each pre-activation ReLU of a residual block (after its `bn1`/`bn2`) and of
+    the network's final `bn1`, plus one per element average-pooled. (ReLUs inside the cheap
+    convs are not counted.) Reproduces the paper's 328.3M for WRN-40-2 and its student figures.
+    """
+    bns = [b.bn1 for b in residual_blocks(model)]
+    bns += [b.bn2 for b in residual_blocks(model) if hasattr(b, "bn2")]
+    if isinstance(getattr(model, "bn1", None), nn.BatchNorm2d):
+        bns.append(model.bn1)
+    seen = []
+    hooks = [bn.register_forward_hook(lambda m, i, o: seen.append(o.numel())) for bn in bns]
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.zeros(1, 3, H, W, device=next(model.parameters()).device)
+        with FlopCounterMode(display=False) as counter:
+            _, acts = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return int(counter.get_total_flops()) // 2 + sum(seen) + acts[-1].numel()
+
+
 # --------------------------------------------------------------------------------------------
 # Analytic costs of genotypes.
 # --------------------------------------------------------------------------------------------
@@ -177,7 +203,8 @@ def main(args):
         net = ResNet(LAYERS[args.arch], convs, args.num_classes or 1000)
         size = 224
     macs, params = measure_model(net, size, size)
-    print(f"params {params:,}  MACs {macs:,}  blocks {len(residual_blocks(net))}")
+    print(f"params {params:,}  MACs {macs:,} (conv+linear; {paper_macs(net, size, size):,} "
+          f"as the paper counts)  blocks {len(residual_blocks(net))}")
     return macs, params
 
 

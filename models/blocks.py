@@ -132,21 +132,19 @@ def _builtin_rows():
         _row("DConv", SepConv, False, "depthwise-separable 3x3 + 1x1", groups="dw"),
         _row("DConv3D", SepConv3D, False, "depthwise 3x3 + (3,1,1) conv3d"),
     ]
-    for g in (2, 4, 8, 16):
-        rows.append(_row(f"DConvG{g}", SepConv, False, f"separable, groups of {g} channels",
-                         groups=("size", g)))
-        rows.append(_row(f"DConvA{g}", SepConv, False, f"separable, {g} groups",
-                         groups=("count", g)))
-        rows.append(_row(f"ConvB{g}", Bottleneck, True, f"bottleneck /{g}, dense 3x3",
-                         bottleneck=g))
-        rows.append(_row(f"DConvB{g}", Bottleneck, True, f"bottleneck /{g}, depthwise 3x3",
-                         bottleneck=g, groups="dw"))
-        rows.append(_row(f"A{g}B2", Bottleneck, True, f"bottleneck /2, 3x3 in {g} groups",
-                         bottleneck=2, groups=("count", g)))
-        for b in (2, 4):
-            rows.append(_row(f"G{g}B{b}", Bottleneck, True,
-                             f"bottleneck /{b}, 3x3 in groups of {g} channels",
-                             bottleneck=b, groups=("size", g)))
+    sizes = (2, 4, 8, 16)
+    rows += [_row(f"DConvG{g}", SepConv, False, f"separable, groups of {g} channels",
+                  groups=("size", g)) for g in sizes]
+    rows += [_row(f"DConvA{g}", SepConv, False, f"separable, {g} groups",
+                  groups=("count", g)) for g in sizes]
+    rows += [_row(f"ConvB{b}", Bottleneck, True, f"bottleneck /{b}, dense 3x3",
+                  bottleneck=b) for b in sizes]
+    rows += [_row(f"DConvB{b}", Bottleneck, True, f"bottleneck /{b}, depthwise 3x3",
+                  bottleneck=b, groups="dw") for b in sizes]
+    rows += [_row(f"A{g}B2", Bottleneck, True, f"bottleneck /2, 3x3 in {g} groups",
+                  bottleneck=2, groups=("count", g)) for g in sizes]
+    rows += [_row(f"G{g}B{b}", Bottleneck, True, f"bottleneck /{b}, 3x3 in groups of {g} channels",
+                  bottleneck=b, groups=("size", g)) for b in (2, 4) for g in sizes]
     return dict(rows)
 
 
