@@ -168,7 +168,9 @@ def test_naswot_on_a_wrn_equals_codes_taken_after_each_batchnorm():
             m.register_forward_hook(lambda mod, inp, out: codes.append(out.flatten(1) > 0))
     with torch.no_grad():
         clone(x)
-    assert len(codes) == 2 + 2 + 3 + 1  # Conv block 2, ConvB2 2, DConv (bn1, bn2, sep bn) 3, final 1
+    # DConv block: bn1, bn2 + one BN in each of its 2 separable convs; ConvB2: bn1 + the
+    # bottleneck's 2; Conv: bn1, bn2; the final BN.
+    assert len(codes) == 4 + 3 + 2 + 1
     K = torch.zeros(6, 6, dtype=torch.float64)
     for c in codes:
         c = c.double()

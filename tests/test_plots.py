@@ -1,0 +1,133 @@
+"""Plots: each writes a PNG of the expected size; helpers (running best, Pareto front, log
+reading, goal guessing) give exact answers; the CLI writes beside its input."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import plots
+from funcs import run_cli
+
+
+def _png_size(path):
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        return im.format, im.size
+
+
+def _search_df(n=60, goal=800_000, seed=0):
+    rng = np.random.default_rng(seed)
+    params = (goal * (1 + rng.uniform(-0.025, 0.025, n))).astype(int)
+    return pd.DataFrame(dict(index=np.arange(n), convs=["['Conv']"] * n, params=params,
+                             macs=(params * rng.uniform(90, 160, n)).astype(int),
+                             fisher=rng.lognormal(np.log(0.02), 0.5, n)))
+
+
+def _log_df(epochs=12):
+    ep = np.arange(1, epochs + 1)
+    err = 80 * np.exp(-ep / 4) + 5
+    return pd.DataFrame(dict(epoch=ep, lr=0.1 * 0.2 ** (ep // 5), train_loss=err / 30,
+                             train_error=err, val_loss=err / 25, val_error=err + 2,
+                             seconds=40.0))
+
+
+def test_running_best_and_pareto_front_exact():
+    assert plots.running_best([1, 3, 2, 5, 5, 4, 7]).tolist() == [0, 1, 3, 6]
+    # params 100, 200, 300, 400 with errors 9, 10, 7, 8: only 100 and 300 are on the front
+    assert plots.pareto_front([300, 100, 400, 200], [7, 9, 8, 10]).tolist() == [1, 0]
+    assert plots.human(800_000) == "800K" and plots.human(2_243_546) == "2.24M"
+
+
+def test_plot_search_writes_png(tmp_path):
+    df = _search_df()
+    out = tmp_path / "deep" / "folder" / "search.png"
+    assert plots.plot_search(df, str(out), param_goal=800_000) == str(out)
+    assert _png_size(out) == ("PNG", (1560, 430))   # 3 panels of 5.2 x 4.3 in at 100 dpi
+    # no MACs column: params panel and scoring-order panel only; a 'score' column is found
+    df2 = df.drop(columns=["macs"]).rename(columns={"fisher": "score"})
+    assert _png_size(plots.plot_search(df2, str(tmp_path / "s2.png"))) == ("PNG", (1040, 430))
+
+
+def test_goal_guessed_from_file_name_only_when_the_data_fit(tmp_path):
+    df = _search_df()
+    path = tmp_path / "fisher_at_800000.csv"
+    df.to_csv(path, index=False)
+    assert plots.guess_goal(df, str(path)) == {"params": 800_000}
+    assert plots.guess_goal(df, str(tmp_path / "fisher_at_5000.csv")) == {}
+    assert plots.guess_goal(df, str(tmp_path / "results.csv")) == {}
+
+
+def test_plot_search_bad_input_is_a_user_error(tmp_path):
+    with pytest.raises(plots.UserError, match="not found"):
+        plots.plot_search(str(tmp_path / "nope.csv"), str(tmp_path / "x.png"))
+    with pytest.raises(plots.UserError, match="score column"):
+        plots.plot_search(_search_df().drop(columns=["fisher"]), str(tmp_path / "x.png"))
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_training_csv_and_jsonl(tmp_path):
+    log = _log_df()
+    csv_path = tmp_path / "run.log.csv"
+    log.to_csv(csv_path, index=False)
+    out = plots.plot_training(str(csv_path), str(tmp_path / "csv.png"))
+    assert _png_size(out) == ("PNG", (1500, 400))
+    # JSON lines from a resumed run (epoch 5 twice: the later row wins) killed mid-write
+    jsonl = tmp_path / "run.log.jsonl"
+    rows = log.to_dict("records")
+    resumed = dict(rows[4], val_error=1.5)
+    with open(jsonl, "w") as f:
+        for r in rows[:5] + [resumed] + rows[5:]:
+            f.write(json.dumps(r) + "\n")
+        f.write('{"epoch": 13, "lr": 0.0')
+    df = plots.read_log(str(jsonl))
+    assert df["epoch"].tolist() == list(range(1, 13))
+    assert df.loc[df["epoch"] == 5, "val_error"].item() == 1.5
+    assert _png_size(plots.plot_training(str(jsonl), str(tmp_path / "j.png")))[1] == (1500, 400)
+
+
+def test_plot_sweep_and_study(tmp_path):
+    sweep = pd.DataFrame(dict(
+        name=["bs_162K", "bs_404K", "bs_811K", "wrn_16_1", "wrn_40_2_1.DConvA4", "wrn_16_2"],
+        params=[162e3, 404e3, 811e3, 175e3, 300e3, 693e3], error=[6.3, 5.0, 4.3, 8.8, 6.7, 6.5],
+        method=["blockswap"] * 3 + ["moonshine"] * 3))
+    path = tmp_path / "sweep.csv"
+    sweep.to_csv(path, index=False)
+    out = plots.plot_sweep(str(path), str(tmp_path / "sweep.png"))
+    assert _png_size(out) == ("PNG", (900, 600))
+    no_method = sweep.drop(columns=["method"])
+    assert _png_size(plots.plot_sweep(no_method, str(tmp_path / "s.png")))[1] == (900, 600)
+
+    rng = np.random.default_rng(0)
+    err = rng.uniform(8, 15, 12)
+    study = pd.DataFrame(dict(fisher=-err + rng.normal(size=12),
+                              grad_norm=rng.uniform(1, 4, 12),
+                              synflow=10 ** rng.uniform(30, 45, 12),
+                              params=rng.uniform(7e5, 9e5, 12), val_error=err))
+    out = plots.plot_study(study, str(tmp_path / "study.png"))
+    assert _png_size(out) == ("PNG", (1350, 760))   # 4 proxies: 3 columns x 2 rows
+    with pytest.raises(plots.UserError, match="naswot"):
+        plots.plot_study(study, str(tmp_path / "x.png"), proxies=["naswot"])
+
+
+def test_cli_writes_beside_the_input_and_reports_errors(tmp_path, capsys):
+    path = tmp_path / "fisher_at_800000.csv"
+    _search_df().to_csv(path, index=False)
+    out = run_cli(plots.main, plots.get_args_parser(), ["search", str(path)])
+    assert out == str(tmp_path / "fisher_at_800000.png")
+    assert _png_size(out)[0] == "PNG"
+    log = tmp_path / "t.log.csv"
+    _log_df().to_csv(log, index=False)
+    custom = tmp_path / "plots" / "curves.png"
+    assert run_cli(plots.main, plots.get_args_parser(),
+                   ["training", str(log), "-o", str(custom)]) == str(custom)
+    assert custom.stat().st_size > 0
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,params\nx,1\n")
+    with pytest.raises(SystemExit) as e:
+        run_cli(plots.main, plots.get_args_parser(), ["sweep", str(bad)])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: sweep table: missing column(s) error; has name, params")
