@@ -1,0 +1,628 @@
+"""Train a teacher network, or a student that learns from a frozen teacher (BlockSwap).
+
+    python main.py cifar10 teacher --conv Conv -t wrn_40_2 --wrn_depth 40 --wrn_width 2 --cifar_loc=<path>
+    python main.py cifar10 student -t wrn_40_2 -s wrn_40_2_bs800k --from_genotype genotypes/bs800k.csv --cifar_loc=<path>
+    python main.py cifar10 student --moonshine --conv DConvG2 -t wrn_40_2 -s wrn_40_2.DConvG2 --cifar_loc=<path>
+    torchrun --nproc_per_node 4 main.py cifar10 teacher ...    (DistributedDataParallel)
+
+A teacher is trained with cross-entropy. A student is trained with cross-entropy (or Hinton KD with
+--alpha > 0) plus attention transfer between its group outputs and the frozen teacher's.
+
+Files (rank 0 writes them, after every epoch):
+  checkpoints/<name>.t7        weights, optimizer/scheduler/scaler state, architecture, genotype,
+                               arguments and metric history; written atomically.
+  checkpoints/<name>.log.csv   one row per epoch: epoch, lr, train/val loss and error (%), seconds.
+A fresh run refuses to replace an existing checkpoint: pass --resume to continue it (with the
+schedule saved in it) or --overwrite to start again.
+
+Reproducibility: with a fixed --seed, the shuffling and the augmentation of every image are drawn
+from (seed, epoch, image index), so a resumed run repeats the uninterrupted one and the images do
+not depend on --workers or on the number of processes. --batch_size is the global batch: under
+torchrun each of the N processes takes batch_size / N. BatchNorm statistics are per process (plain
+DDP), so N processes are equivalent to one process that normalises each 1/N of the batch apart.
+"""
+import argparse
+import csv
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from tqdm import tqdm
+
+from funcs import (at_loss, atomic_write, distillation, get_datasets, get_no_params,
+                   load_genotype, run_cli, subset)
+from models import ResNet, UserError, WideResNet, get_block_type, load_block_module
+from models.resnet import LAYERS
+
+# Arguments that define the training run: on --resume the checkpoint's values are used, so the
+# continued run follows the schedule it started with.
+RUN_KEYS = ("dataset", "mode", "lr", "momentum", "weight_decay", "epoch_step", "lr_decay_ratio",
+            "cosine", "epochs", "batch_size", "seed", "cutout", "train_subset", "val_subset",
+            "alpha", "temperature", "beta", "teacher_checkpoint")
+LOG_FIELDS = ("epoch", "lr", "train_loss", "train_error", "val_loss", "val_error", "seconds")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="BlockSwap teacher/student training",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("dataset", choices=["cifar10", "cifar100", "imagenet"],
+                   help="cifar10/cifar100 (torchvision folders or any ImageFolder tree) or imagenet")
+    p.add_argument("mode", choices=["teacher", "student"], help="train a teacher or a student")
+    # data
+    p.add_argument("--cifar_loc", default="data/cifar", help="CIFAR folder (or ImageFolder root)")
+    p.add_argument("--imagenet_loc", default="data/imagenet", help="folder with train/ and val/")
+    p.add_argument("--data_loc", default=None, help="dataset folder; overrides the two above")
+    p.add_argument("--download", action="store_true", help="download CIFAR if absent")
+    p.add_argument("--workers", default=2, type=int, help="data loading processes (per GPU)")
+    p.add_argument("--train_subset", default=None, type=int, help="train on N fixed random images")
+    p.add_argument("--val_subset", default=None, type=int, help="validate on N fixed random images")
+    p.add_argument("--cutout", default=0, type=int, nargs="?", const=16,
+                   help="Cutout square side in pixels (--cutout alone: 16, the paper's)")
+    # checkpoints
+    p.add_argument("--teacher_checkpoint", "-t", default="wrn_40_2_T",
+                   help="teacher name: checkpoints/<name>.t7 is written (teacher) or read (student)")
+    p.add_argument("--student_checkpoint", "-s", default="wrn_40_2_student_KT",
+                   help="student name: checkpoints/<name>.t7 is written")
+    p.add_argument("--checkpoint_dir", default="checkpoints")
+    p.add_argument("--resume", "-r", action="store_true", help="continue from the checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start again over an existing checkpoint")
+    # network
+    p.add_argument("--wrn_depth", default=None, type=int,
+                   help="WRN depth (teacher: default 40; student: must match the teacher's)")
+    p.add_argument("--wrn_width", default=None, type=int, help="WRN width (teacher: default 2)")
+    p.add_argument("--conv", default="Conv", help="block type of a uniform network (see models/blocks.py)")
+    p.add_argument("--from_genotype", default="", help="genotype CSV: one block type per block")
+    p.add_argument("--moonshine", action="store_true", help="uniform student of --conv blocks")
+    p.add_argument("--diff_shape", action="store_true", help="student shape from --stu_depth/width")
+    p.add_argument("--stu_depth", default=40, type=int)
+    p.add_argument("--stu_width", default=2, type=int)
+    p.add_argument("--module", default=None, help="Python file that calls register_block()")
+    # optimisation (the seed's recipe; --cosine --cutout give the ICLR paper's)
+    p.add_argument("--lr", default=0.1, type=float)
+    p.add_argument("--momentum", default=0.9, type=float)
+    p.add_argument("--weight_decay", "--weightDecay", default=5e-4, type=float)
+    p.add_argument("--epochs", default=200, type=int)
+    p.add_argument("--batch_size", default=128, type=int, help="global batch (all processes)")
+    p.add_argument("--epoch_step", default="[60,120,160]", help="JSON list: epochs to decay lr at")
+    p.add_argument("--lr_decay_ratio", default=0.2, type=float)
+    p.add_argument("--cosine", action="store_true", help="cosine annealing to 0 instead of steps")
+    p.add_argument("--alpha", default=0.0, type=float, help="KD weight (0: cross-entropy only)")
+    p.add_argument("--temperature", default=4.0, type=float, help="KD temperature")
+    p.add_argument("--beta", default=1e3, type=float, help="attention transfer weight")
+    p.add_argument("--seed", default=0, type=int)
+    # hardware
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best present)")
+    p.add_argument("--GPU", default=None, help="sets CUDA_VISIBLE_DEVICES, e.g. '0,1'")
+    p.add_argument("--no_amp", action="store_true", help="no mixed precision on CUDA")
+    p.add_argument("--no_channels_last", action="store_true", help="NCHW memory format on CUDA")
+    p.add_argument("--print_freq", default=10, type=int, help="progress bar refresh, in steps")
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# Hardware: device, processes, mixed precision.
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    amp_dtype: Optional[torch.dtype] = None   # None: fp32
+    channels_last: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype,
+                              enabled=self.amp_dtype is not None)
+
+    def images(self, x: torch.Tensor) -> torch.Tensor:
+        fmt = torch.channels_last if self.channels_last else torch.preserve_format
+        return x.to(self.device, non_blocking=True, memory_format=fmt)
+
+    def print(self, *a):
+        if self.main:
+            print(*a, flush=True)
+
+
+def pick_device(name: Optional[str], local_rank: int) -> torch.device:
+    if name is None:
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA GPU is visible (check --GPU / CUDA_VISIBLE_DEVICES)")
+        return torch.device("cuda", local_rank)
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: MPS is not available on this machine")
+    if name not in ("mps", "cpu"):
+        raise UserError(f"--device {name}: expected cuda, mps or cpu")
+    return torch.device(name)
+
+
+def setup_runtime(args) -> Runtime:
+    """Device, and the process group when launched by torchrun (RANK/WORLD_SIZE set)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(args.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    amp_dtype = None
+    if device.type == "cuda" and not args.no_amp:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return Runtime(device, rank, world, amp_dtype,
+                   channels_last=device.type == "cuda" and not args.no_channels_last)
+
+
+# --------------------------------------------------------------------------------------------
+# Models and checkpoints.
+# --------------------------------------------------------------------------------------------
+
+def build_model(arch: str, convs, num_classes: int, depth: int = 40, width: int = 2) -> nn.Module:
+    """arch 'wrn' (WRN-depth-width) or a ResNet name from models.resnet.LAYERS; convs is a
+    genotype (list of block names) or one name for a uniform network."""
+    if arch == "wrn":
+        return WideResNet(depth, width, convs=convs, num_classes=num_classes)
+    if arch in LAYERS:
+        return ResNet(LAYERS[arch], convs=convs, num_classes=num_classes)
+    raise UserError(f"unknown architecture {arch!r}; expected 'wrn' or one of {list(LAYERS)}")
+
+
+def arch_info(model: nn.Module) -> dict:
+    """What build_model needs to rebuild `model`, as plain values (saved in checkpoints)."""
+    if isinstance(model, WideResNet):
+        return {"arch": "wrn", "depth": model.depth, "width": model.widen_factor,
+                "num_classes": model.num_classes, "convs": list(model.genotype)}
+    arch = next(k for k, v in LAYERS.items() if tuple(v) == model.layers)
+    return {"arch": arch, "depth": None, "width": None, "num_classes": model.num_classes,
+            "convs": list(model.genotype)}
+
+
+def describe(model: nn.Module) -> str:
+    info = arch_info(model)
+    name = f"WRN-{info['depth']}-{info['width']}" if info["arch"] == "wrn" else info["arch"]
+    convs = info["convs"]
+    kinds = convs[0] if len(set(convs)) == 1 else ",".join(convs)
+    return f"{name} [{kinds}], {get_no_params(model):,} params"
+
+
+def model_from_checkpoint(ckpt: dict, path: str) -> nn.Module:
+    """Rebuild the network a checkpoint describes and load its weights."""
+    try:
+        model = build_model(ckpt.get("arch", "wrn"), ckpt["convs"], ckpt["num_classes"],
+                            ckpt.get("depth"), ckpt.get("width"))
+    except UserError as e:
+        hint = f" (it was trained with --module {ckpt['module']})" if ckpt.get("module") else ""
+        raise UserError(f"{path}: {e}{hint}") from None
+    try:
+        model.load_state_dict(ckpt["net"])
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not fit its recorded architecture "
+                        f"({str(e).splitlines()[0]})") from None
+    return model
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint written by save_checkpoint; UserError if missing, corrupt or foreign.
+    weights_only=True: a checkpoint is a pickle and loading must never run code from it."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or holds arbitrary Python objects
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"{path} is not a readable checkpoint ({first})") from None
+    missing = [k for k in ("net", "epoch", "convs", "num_classes") if k not in ckpt] \
+        if isinstance(ckpt, dict) else ["net"]
+    if missing:
+        raise UserError(f"{path} is not a checkpoint of this code (no {', '.join(missing)})")
+    return ckpt
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Temporary file then rename: a kill during the save leaves the previous checkpoint."""
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def checkpoint_state(model, optimizer, scheduler, scaler, epoch, args, history) -> dict:
+    net = model.module if isinstance(model, DistributedDataParallel) else model
+    # .contiguous(): channels_last weights are saved in the standard layout.
+    weights = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    uniform = len(set(net.genotype)) == 1
+    return {"net": weights, "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "epoch": epoch, **arch_info(net),
+            "conv": net.genotype[0] if uniform else None, "module": args.module,
+            "args": dict(vars(args)), **{k: list(v) for k, v in history.items()}}
+
+
+# --------------------------------------------------------------------------------------------
+# Data.
+# --------------------------------------------------------------------------------------------
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % 2 ** 63
+
+
+class SeededAugment(Dataset):
+    """The random augmentation of image i in epoch e is drawn from item_seed(seed, e, i): the
+    same whatever the worker, the process or the point a run was resumed from."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch   # workers are started per epoch and take a copy with this value
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        with torch.random.fork_rng(devices=[]):   # leave the caller's CPU RNG as it was
+            torch.default_generator.manual_seed(item_seed(self.seed, self.epoch, i))
+            return self.dataset[i]
+
+
+def data_location(args) -> str:
+    if args.data_loc:
+        return args.data_loc
+    return args.imagenet_loc if args.dataset == "imagenet" else args.cifar_loc
+
+
+def make_loaders(args, rt: Runtime):
+    """(train_loader, val_loader, num_classes). Each process gets its share of every global
+    batch (DistributedSampler, also with one process, so the order never depends on it) and a
+    strided share of the validation set."""
+    if args.batch_size % rt.world:
+        raise UserError(f"--batch_size {args.batch_size} is not divisible by the "
+                        f"{rt.world} processes")
+    if args.download and rt.world > 1 and not rt.main:
+        dist.barrier()   # let rank 0 download first
+    train_set, val_set, num_classes = get_datasets(args.dataset, data_location(args),
+                                                   args.download, args.cutout)
+    if args.download and rt.world > 1 and rt.main:
+        dist.barrier()
+    train_set = SeededAugment(subset(train_set, args.train_subset, args.seed), args.seed)
+    val_set = subset(val_set, args.val_subset, args.seed)
+    val_part = Subset(val_set, range(rt.rank, len(val_set), rt.world))
+    sampler = DistributedSampler(train_set, num_replicas=rt.world, rank=rt.rank, shuffle=True,
+                                 seed=args.seed)
+    per_rank = args.batch_size // rt.world
+    pin = rt.device.type == "cuda"
+    train = DataLoader(train_set, per_rank, sampler=sampler, num_workers=args.workers,
+                       pin_memory=pin)
+    val = DataLoader(val_part, per_rank, shuffle=False, num_workers=args.workers, pin_memory=pin)
+    return train, val, num_classes
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    loader.sampler.set_epoch(epoch)
+    loader.dataset.set_epoch(epoch)
+
+
+# --------------------------------------------------------------------------------------------
+# Losses, training and validation.
+# --------------------------------------------------------------------------------------------
+
+def student_loss(logits, acts, t_logits, t_acts, targets, alpha, temperature, beta):
+    """KD (cross-entropy when alpha=0) + beta' * sum of at_loss over group pairs, with
+    beta' = beta * 3 / pairs: the original's weighting, tuned for the three WRN groups."""
+    loss = distillation(logits.float(), t_logits.float(), targets, temperature, alpha)
+    scaled_beta = beta * 3 / len(acts)
+    for s, t in zip(acts, t_acts):
+        loss = loss + scaled_beta * at_loss(s.float(), t.float())   # fp32: x^2 can overflow fp16
+    return loss
+
+
+def teacher_loss_fn(model, inputs, targets):
+    logits, _ = model(inputs)
+    return F.cross_entropy(logits.float(), targets), logits
+
+
+def make_student_loss_fn(teacher, alpha, temperature, beta):
+    def loss_fn(model, inputs, targets):
+        with torch.no_grad():
+            t_logits, t_acts = teacher(inputs)
+        logits, acts = model(inputs)
+        return student_loss(logits, acts, t_logits, t_acts, targets, alpha, temperature,
+                            beta), logits
+    return loss_fn
+
+
+def all_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    if rt.world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def train_one_epoch(model, loader, optimizer, scaler, rt: Runtime, loss_fn, desc="train",
+                    print_freq=10):
+    """One pass over `loader`; returns (mean loss, top-1 error %) over all processes."""
+    model.train()
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)   # loss * n, wrong, n
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
+               disable=True if not rt.main else None)              # None: off when not a tty
+    start = time.perf_counter()
+    for step, (inputs, targets) in enumerate(bar):
+        inputs, targets = rt.images(inputs), targets.to(rt.device, non_blocking=True)
+        with rt.autocast():
+            loss, logits = loss_fn(model, inputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        n = targets.size(0)
+        sums[0] += loss.detach().double() * n
+        sums[1] += (logits.argmax(1) != targets).sum()
+        sums[2] += n
+        if rt.main and (step + 1) % print_freq == 0:
+            s = sums.tolist()
+            bar.set_postfix(loss=f"{s[0] / s[2]:.3f}", err=f"{100 * s[1] / s[2]:.1f}%",
+                            img_s=f"{s[2] * rt.world / (time.perf_counter() - start):.0f}")
+    loss_sum, wrong, n = all_sum(sums, rt).tolist()
+    return loss_sum / max(n, 1), 100.0 * wrong / max(n, 1)
+
+
+def sync_buffers(model: nn.Module, rt: Runtime) -> None:
+    """DDP keeps rank 0's BatchNorm statistics (broadcast before each forward); give them to
+    every process before an evaluation that runs outside DDP."""
+    if rt.world > 1:
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+
+
+@torch.no_grad()
+def validate(model, loader, rt: Runtime):
+    """(mean cross-entropy, top-1 error %) over the whole validation set (all processes)."""
+    net = model.module if isinstance(model, DistributedDataParallel) else model
+    sync_buffers(net, rt)
+    net.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    for inputs, targets in loader:
+        inputs, targets = rt.images(inputs), targets.to(rt.device, non_blocking=True)
+        with rt.autocast():
+            logits, _ = net(inputs)
+        sums[0] += F.cross_entropy(logits.float(), targets, reduction="sum").double()
+        sums[1] += (logits.argmax(1) != targets).sum()
+        sums[2] += targets.size(0)
+    loss_sum, wrong, n = all_sum(sums, rt).tolist()
+    return loss_sum / max(n, 1), 100.0 * wrong / max(n, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Setting up a run: names, resume, teacher, student, schedule.
+# --------------------------------------------------------------------------------------------
+
+def run_name(args) -> str:
+    return args.teacher_checkpoint if args.mode == "teacher" else args.student_checkpoint
+
+
+def start_or_resume(args, path: str, rt: Runtime) -> Optional[dict]:
+    """The checkpoint to resume (its run arguments copied into args), or None for a fresh run;
+    refuses a fresh run over an existing checkpoint unless --overwrite."""
+    if not args.resume:
+        if os.path.exists(path) and not args.overwrite:
+            raise UserError(f"{path} exists: add --resume to continue it or --overwrite to "
+                            "train from scratch over it")
+        return None
+    ckpt = load_checkpoint(path)
+    saved = ckpt.get("args", {})
+    for key in RUN_KEYS:
+        if key in saved and saved[key] != getattr(args, key):
+            rt.print(f"resume: using the checkpoint's --{key} {saved[key]} "
+                     f"(this command said {getattr(args, key)})")
+            setattr(args, key, saved[key])
+    return ckpt
+
+
+def load_teacher(args, num_classes: int) -> nn.Module:
+    """The frozen teacher: rebuilt from its checkpoint, eval mode, no gradients."""
+    path = os.path.join(args.checkpoint_dir, args.teacher_checkpoint + ".t7")
+    if not os.path.isfile(path):
+        raise UserError(f"teacher checkpoint {path} not found: train it first (python main.py "
+                        f"{args.dataset} teacher -t {args.teacher_checkpoint} ...) or pass -t NAME "
+                        f"of a checkpoint in {args.checkpoint_dir}/")
+    ckpt = load_checkpoint(path)
+    if ckpt["num_classes"] != num_classes:
+        raise UserError(f"{path} has {ckpt['num_classes']} classes but {args.dataset} at "
+                        f"{data_location(args)} has {num_classes}")
+    teacher = model_from_checkpoint(ckpt, path)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+def genotype_arg(args):
+    """--from_genotype's list of block names, else the --conv name (uniform network)."""
+    if args.from_genotype:
+        if args.moonshine:
+            raise UserError("--moonshine is a uniform student of --conv blocks: drop "
+                            "--from_genotype or --moonshine")
+        return load_genotype(args.from_genotype)
+    get_block_type(args.conv)   # validated here, after --module has registered its names
+    return args.conv
+
+
+def new_model(args, num_classes: int, teacher: Optional[nn.Module]) -> nn.Module:
+    """A fresh teacher (shape from the flags) or student (the teacher's shape unless
+    --diff_shape) with the genotype from --from_genotype or --conv."""
+    convs = genotype_arg(args)
+    if teacher is None:
+        arch = "resnet34" if args.dataset == "imagenet" else "wrn"
+        depth, width = args.wrn_depth or 40, args.wrn_width or 2
+    else:
+        info = arch_info(teacher)
+        arch, depth, width = info["arch"], info["depth"], info["width"]
+        given = (args.wrn_depth or depth, args.wrn_width or width)
+        if arch == "wrn" and given != (depth, width):
+            raise UserError(f"--wrn_depth/--wrn_width {given[0]}/{given[1]} do not match the "
+                            f"teacher checkpoint (WRN-{depth}-{width}); for a student of another "
+                            "shape use --diff_shape --stu_depth D --stu_width W")
+        if args.diff_shape:
+            if arch != "wrn":
+                raise UserError("--diff_shape is for WRN students only")
+            depth, width = args.stu_depth, args.stu_width
+    try:
+        return build_model(arch, convs, num_classes, depth, width)
+    except UserError as e:
+        where = f"--from_genotype {args.from_genotype}" if args.from_genotype else "--conv"
+        raise UserError(f"{where}: {e}") from None
+
+
+def make_optimizer(model, args):
+    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                           weight_decay=args.weight_decay)
+
+
+def make_scheduler(optimizer, args):
+    """Stepped once per epoch: cosine to 0, or x lr_decay_ratio at each --epoch_step epoch."""
+    if args.cosine:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    try:
+        steps = json.loads(args.epoch_step)
+        assert isinstance(steps, list) and all(isinstance(s, int) for s in steps)
+    except (ValueError, AssertionError):
+        raise UserError(f"--epoch_step {args.epoch_step!r}: expected a JSON list of epochs "
+                        "such as '[60,120,160]'") from None
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, steps, gamma=args.lr_decay_ratio)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-epoch log (CSV beside the checkpoint).
+# --------------------------------------------------------------------------------------------
+
+def write_log(path: str, rows) -> None:
+    """Start the log afresh (atomically): header and the rows of a resumed checkpoint."""
+    def write(f):
+        text = ",".join(LOG_FIELDS) + "\n" + "".join(
+            ",".join(str(r[k]) for k in LOG_FIELDS) + "\n" for r in rows)
+        f.write(text.encode())
+    atomic_write(path, write)
+
+
+def append_log(path: str, row: dict) -> None:
+    with open(path, "a", newline="") as f:
+        csv.DictWriter(f, LOG_FIELDS).writerow(row)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# --------------------------------------------------------------------------------------------
+# Main.
+# --------------------------------------------------------------------------------------------
+
+def fit(model, train_loader, val_loader, optimizer, scheduler, scaler, rt, loss_fn, args,
+        start_epoch, history, log_rows, paths):
+    """Train from start_epoch to args.epochs; checkpoint and log after every epoch."""
+    net = model.module if isinstance(model, DistributedDataParallel) else model
+    for epoch in range(start_epoch, args.epochs):
+        t0 = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        set_epoch(train_loader, epoch)
+        train_loss, train_err = train_one_epoch(model, train_loader, optimizer, scaler, rt,
+                                                loss_fn, f"epoch {epoch + 1}/{args.epochs}",
+                                                args.print_freq)
+        speed = len(train_loader.dataset) / (time.perf_counter() - t0)
+        val_loss, val_err = validate(model, val_loader, rt)
+        scheduler.step()
+        seconds = time.perf_counter() - t0
+        for key, value in zip(history, (train_loss, train_err, val_loss, val_err)):
+            history[key].append(value)
+        row = dict(zip(LOG_FIELDS, (epoch + 1, lr, train_loss, train_err, val_loss, val_err,
+                                    round(seconds, 2))))
+        log_rows.append(row)
+        if rt.main:
+            state = checkpoint_state(net, optimizer, scheduler, scaler, epoch + 1, args, history)
+            state["log"] = list(log_rows)
+            save_checkpoint(paths[0], state)
+            append_log(paths[1], row)
+        rt.print(f"epoch {epoch + 1}/{args.epochs}  lr {lr:.4g}  train loss {train_loss:.4f} "
+                 f"err {train_err:.2f}%  val loss {val_loss:.4f} err {val_err:.2f}%  "
+                 f"{seconds:.1f} s  {speed:.0f} img/s (train)")
+    return history
+
+
+def main(args):
+    if args.GPU is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.GPU   # before anything initialises CUDA
+    rt = setup_runtime(args)
+    try:
+        return train(args, rt)
+    finally:
+        if rt.world > 1:
+            dist.destroy_process_group()
+
+
+def train(args, rt: Runtime):
+    """Everything that can fail on bad input happens before the first file is written."""
+    if args.module:
+        load_block_module(args.module)
+    if args.mode == "student" and args.student_checkpoint == args.teacher_checkpoint:
+        raise UserError("-s and -t name the same checkpoint: the student would overwrite its "
+                        "teacher; give the student another name")
+    name = run_name(args)
+    paths = (os.path.join(args.checkpoint_dir, name + ".t7"),
+             os.path.join(args.checkpoint_dir, name + ".log.csv"))
+    ckpt = start_or_resume(args, paths[0], rt)
+    train_loader, val_loader, num_classes = make_loaders(args, rt)
+    teacher = load_teacher(args, num_classes) if args.mode == "student" else None
+
+    torch.manual_seed(args.seed)   # same initial weights in every process and every rerun
+    model = model_from_checkpoint(ckpt, paths[0]) if ckpt else new_model(args, num_classes, teacher)
+    fmt = torch.channels_last if rt.channels_last else torch.preserve_format
+    model.to(rt.device, memory_format=fmt)
+    optimizer, scaler = make_optimizer(model, args), torch.amp.GradScaler(
+        rt.device.type, enabled=rt.amp_dtype == torch.float16)
+    scheduler = make_scheduler(optimizer, args)
+    history = {k: [] for k in ("train_losses", "train_errors", "val_losses", "val_errors")}
+    log_rows, start_epoch = [], 0
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        history = {k: list(ckpt.get(k, [])) for k in history}
+        log_rows, start_epoch = list(ckpt.get("log", [])), ckpt["epoch"]
+
+    rt.print(f"{args.mode} {name}: {describe(model)} on {rt.device} x{rt.world}"
+             f"{', ' + str(rt.amp_dtype).split('.')[-1] if rt.amp_dtype else ''}"
+             f"{f', resuming after epoch {start_epoch}' if ckpt else ''}")
+    if rt.device.type == "cuda" and rt.world == 1 and torch.cuda.device_count() > 1:
+        rt.print(f"{torch.cuda.device_count()} GPUs visible, 1 used: launch with torchrun "
+                 f"--nproc_per_node {torch.cuda.device_count()} main.py ... to use them all")
+    if teacher is not None:
+        teacher.to(rt.device, memory_format=fmt)
+        rt.print(f"teacher {args.teacher_checkpoint}: {describe(teacher)}, "
+                 f"val error {validate(teacher, val_loader, rt)[1]:.2f}%")
+        loss_fn = make_student_loss_fn(teacher, args.alpha, args.temperature, args.beta)
+    else:
+        loss_fn = teacher_loss_fn
+    if rt.main:
+        write_log(paths[1], log_rows)
+    if rt.world > 1:
+        model = DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    fit(model, train_loader, val_loader, optimizer, scheduler, scaler, rt, loss_fn, args,
+        start_epoch, history, log_rows, paths)
+    net = model.module if isinstance(model, DistributedDataParallel) else model
+    return {"model": net, "teacher": teacher, "history": history}
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())
