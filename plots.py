@@ -341,6 +341,32 @@ def place_labels(ax, xs, ys, texts, fontsize=7):
         placed.append(best[2])
 
 
+def collect_sweep(checkpoint_dir: str) -> pd.DataFrame:
+    """One row per finished training run in a checkpoint folder: name, params, error (final
+    val error, %), epochs, method (teacher; blockswap for a genotype student; moonshine for a
+    uniform or reshaped student)."""
+    from main import load_checkpoint   # main imports plots lazily too: no cycle at import
+    rows = []
+    for name in sorted(os.listdir(checkpoint_dir)):
+        if not name.endswith(".t7"):
+            continue
+        ckpt = load_checkpoint(os.path.join(checkpoint_dir, name))
+        if not ckpt.get("val_errors"):
+            continue
+        run_args = ckpt.get("args") or {}
+        if run_args.get("mode") == "teacher":
+            method = "teacher"
+        else:
+            method = "blockswap" if run_args.get("from_genotype") else "moonshine"
+        params = sum(v.numel() for k, v in ckpt["net"].items()
+                     if "running" not in k and "num_batches_tracked" not in k)
+        rows.append({"name": name[:-3], "params": params, "error": ckpt["val_errors"][-1],
+                     "epochs": ckpt["epoch"], "method": method})
+    if not rows:
+        raise UserError(f"{checkpoint_dir}: no finished training runs (*.t7 with val errors)")
+    return pd.DataFrame(rows)
+
+
 def plot_sweep(table, out_png: str) -> str:
     """Final error against parameters (log x), one labelled marker per run, a marker style per
     method (e.g. blockswap vs moonshine) and a line along each method's Pareto front (the best
@@ -421,7 +447,8 @@ def get_args_parser():
     p.add_argument("--score", default=None, help="score column (default: fisher or score)")
     p = sub.add_parser("training", help="curves from a checkpoints/<name>.log.csv or .jsonl")
     p.add_argument("path")
-    p = sub.add_parser("sweep", help="error vs params from a CSV: name, params, error[, method]")
+    p = sub.add_parser("sweep", help="error vs params from a CSV (name, params, error[, method]) "
+                                     "or a checkpoint folder (also writes its sweep.csv)")
     p.add_argument("path")
     p = sub.add_parser("study", help="proxy score vs trained error from a study CSV")
     p.add_argument("path")
@@ -438,7 +465,15 @@ def main(args):
     elif args.what == "training":
         path = plot_training(args.path, out)
     elif args.what == "sweep":
-        path = plot_sweep(args.path, out)
+        table = args.path
+        if os.path.isdir(args.path):
+            table = collect_sweep(args.path)
+            csv_path = os.path.join(args.path, "sweep.csv")
+            atomic_write(csv_path, lambda f: f.write(table.to_csv(index=False).encode()))
+            print(table.to_string(index=False))
+            print(f"wrote {csv_path}")
+            out = args.out or os.path.join(args.path, "sweep.png")
+        path = plot_sweep(table, out)
     else:
         path = plot_study(args.path, out, error=args.error)
     print(f"wrote {path}")

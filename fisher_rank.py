@@ -1,0 +1,459 @@
+"""BlockSwap's search: sample mixed-block networks that meet a budget, score each by Fisher
+potential after one minibatch at random initialisation, keep the best.
+
+    # 1000 random genotypes (uniform; exactly uniform within the window when a goal is given)
+    python fisher_rank.py cifar10 --generate_random --samples 1000 --save_file archs/master_arch.csv
+    # score candidates within +-2.5% of 800K params
+    python fisher_rank.py cifar10 --data_loc=../cifar10 --param_goal 800000 --samples 1000
+    # the same, sharded over 4 processes (each scores every 4th candidate, rank 0 merges)
+    torchrun --standalone --nproc_per_node 4 fisher_rank.py cifar10 --data_loc=../cifar10 ...
+
+Every scored candidate is appended (and flushed) to results/<proxy>_at_<goal>.csv; re-running
+the same command resumes where it stopped. Each new best is written to
+genotypes/<goal>_<index>.csv, so the newest genotype file is the best.
+"""
+import argparse
+import csv
+import datetime
+import glob
+import io
+import json
+import os
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from count_ops import CostTable
+from funcs import (NUM_CLASSES, atomic_write, budget_window, count_genotypes, fisher_scores,
+                   get_datasets, parse_convs, run_cli, sample_genotypes, save_genotype)
+from models import (BLOCK_TYPES, SEARCH_SPACE, ResNet, UserError, WideResNet,
+                    load_block_module)
+from models.resnet import LAYERS
+
+try:
+    from proxies import PROXIES, get_proxy
+except ImportError:  # proxies.py absent: Fisher potential only
+    PROXIES = {"fisher": lambda net, x, y: float(fisher_scores(net, x, y).sum())}
+
+    def get_proxy(name):
+        if name not in PROXIES:
+            raise UserError(f"unknown proxy {name!r}; valid names: " + ", ".join(PROXIES))
+        return PROXIES[name]
+
+DEFAULT_PARAM_GOAL = 800_000   # the original's default when no goal is given
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="BlockSwap: rank budget-meeting networks by "
+                                            "Fisher potential at initialisation.")
+    p.add_argument("dataset", choices=["cifar10", "cifar100", "imagenet"])
+    p.add_argument("--data_loc", default=None,
+                   help="torchvision CIFAR folder or an image folder train/ + test|val/")
+    p.add_argument("--download", action="store_true", help="fetch CIFAR into --data_loc")
+    p.add_argument("--arch", default=None, choices=["wrn", *LAYERS],
+                   help="network family (default: wrn for CIFAR, resnet34 for imagenet)")
+    p.add_argument("--wrn_depth", default=40, type=int)
+    p.add_argument("--wrn_width", default=2, type=int)
+    p.add_argument("--param_goal", default=None, type=int,
+                   help=f"parameter budget (scoring defaults to {DEFAULT_PARAM_GOAL:,})")
+    p.add_argument("--mac_goal", default=None, type=int, help="MAC budget (may join params)")
+    p.add_argument("--tol", default=0.025, type=float, help="window half-width, a fraction")
+    p.add_argument("--samples", default=1000, type=int, help="candidates to score / generate")
+    p.add_argument("--seed", default=0, type=int, help="sampling, minibatch and init seed")
+    p.add_argument("--batch_size", default=128, type=int)
+    p.add_argument("--minibatches", default=1, type=int, help="scores summed over this many")
+    p.add_argument("--resample_batch", action="store_true",
+                   help="a different minibatch per candidate (default: one shared, fair)")
+    p.add_argument("--proxy", default="fisher", choices=sorted(PROXIES),
+                   help="scoring function (proxies.py); higher is better")
+    p.add_argument("--top_n", default=1, type=int, help="genotype files kept for the best n")
+    p.add_argument("--workers", default=0, type=int, help="data loading processes")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps (auto: cuda if any)")
+    p.add_argument("--module", default=None, help="Python file that registers block types")
+    p.add_argument("--blocks", default=None,
+                   help="comma-separated search space (default: the paper's 24 + --module's)")
+    p.add_argument("--generate_random", action="store_true",
+                   help="write --samples random genotypes to --save_file and stop")
+    p.add_argument("--save_file", default="archs/master_arch.csv",
+                   help="archs file: written by --generate_random, read when scoring")
+    p.add_argument("--overwrite", action="store_true", help="let --generate_random replace it")
+    p.add_argument("--results_dir", default="results")
+    p.add_argument("--genotype_dir", default="genotypes")
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# Networks, budgets, candidates
+# --------------------------------------------------------------------------------------------
+
+def resolve(args):
+    """Fill the defaults that depend on other arguments (in place); returns args."""
+    args.arch = args.arch or ("resnet34" if args.dataset == "imagenet" else "wrn")
+    if not args.generate_random and args.param_goal is None and args.mac_goal is None:
+        args.param_goal = DEFAULT_PARAM_GOAL
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    for name in ("samples", "batch_size", "minibatches", "top_n"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    return args
+
+
+def search_space(args):
+    """Block names searched over: --blocks, else the paper's 24 plus what --module adds."""
+    before = set(BLOCK_TYPES)
+    if args.module:
+        load_block_module(args.module)
+    if args.blocks:
+        return [n.strip() for n in args.blocks.split(",") if n.strip()]
+    return list(SEARCH_SPACE) + [n for n in BLOCK_TYPES if n not in before]
+
+
+def build_net(args, genotype, num_classes):
+    if args.arch == "wrn":
+        return WideResNet(args.wrn_depth, args.wrn_width, genotype, num_classes)
+    return ResNet(LAYERS[args.arch], genotype, num_classes)
+
+
+def cost_table(args, num_classes, names) -> CostTable:
+    if args.arch == "wrn":
+        return CostTable.for_wrn(args.wrn_depth, args.wrn_width, num_classes, names)
+    return CostTable.for_resnet(args.arch, num_classes, names)
+
+
+def goal_label(args) -> str:
+    """'800000', 'macs100000000' or '800000_macs100000000': names the results and genotypes."""
+    parts = ([str(args.param_goal)] if args.param_goal is not None else []) + \
+            ([f"macs{args.mac_goal}"] if args.mac_goal is not None else [])
+    return "_".join(parts)
+
+
+def in_budget(args, params: np.ndarray, macs: np.ndarray) -> np.ndarray:
+    ok = np.ones(len(params), bool)
+    for goal, value in ((args.param_goal, params), (args.mac_goal, macs)):
+        if goal is not None:
+            lo, hi = budget_window(goal, args.tol)
+            ok &= (value >= lo) & (value <= hi)
+    return ok
+
+
+def candidates_from_file(args, table):
+    """Genotypes of the archs file that meet the budget, in file order (None if no file)."""
+    if not os.path.isfile(args.save_file):
+        return None
+    try:
+        df = pd.read_csv(args.save_file)
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise UserError(f"{args.save_file}: not a readable CSV ({e})") from None
+    if "convs" not in df.columns:
+        raise UserError(f"{args.save_file}: expected a 'convs' column (an archs file from "
+                        "--generate_random)")
+    if "params" in df.columns and args.param_goal is not None:  # cheap pre-filter
+        lo, hi = budget_window(args.param_goal, args.tol)
+        df = df[df["params"].between(lo, hi)]
+    genotypes = [parse_convs(c, where=f"{args.save_file}, convs") for c in df["convs"]]
+    if not genotypes:
+        return []
+    params, macs = table.cost_many(np.stack([table.encode(g) for g in genotypes]))
+    return [g for g, ok in zip(genotypes, in_budget(args, params, macs)) if ok]
+
+
+def get_candidates(args, table):
+    """(genotypes, source): the archs file's in-budget rows when it has enough of them, else
+    exactly uniform samples within the budget window."""
+    from_file = candidates_from_file(args, table)
+    if from_file is not None and len(from_file) >= args.samples:
+        return from_file[:args.samples], os.path.abspath(args.save_file)
+    n = args.samples
+    available = count_genotypes(table, args.param_goal, args.mac_goal, args.tol)
+    if available < n:
+        print(f"only {int(available)} genotypes meet this budget: scoring all of them")
+        n = int(available)
+    return sample_genotypes(table, n, args.param_goal, args.mac_goal, args.tol,
+                            args.seed), "sampled"
+
+
+# --------------------------------------------------------------------------------------------
+# Minibatches and scoring
+# --------------------------------------------------------------------------------------------
+
+def load_batches(train_set, args, key: int, device):
+    """`--minibatches` batches of `--batch_size` training images chosen and augmented by the
+    seed `key` alone, so every process and every resumed run sees the same pixels."""
+    g = torch.Generator().manual_seed(key)
+    idx = torch.randperm(len(train_set), generator=g)[:args.batch_size * args.minibatches]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_set, idx.tolist()),
+                                         batch_size=args.batch_size,
+                                         num_workers=args.workers, generator=g)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(key)   # the augmentations draw from torch's global generator
+        return [(x.to(device), y.to(device)) for x, y in loader]
+
+
+def candidate_key(seed: int, index: int) -> int:
+    """The seed of candidate `index`: its weights depend on (seed, index) only."""
+    return seed * 1_000_003 + index + 1
+
+
+def score_candidate(net, batches, proxy) -> float:
+    """The one place a candidate is scored: proxy(net, inputs, targets) summed over batches."""
+    return float(sum(proxy(net, x, y) for x, y in batches))
+
+
+def make_candidate(args, genotype, num_classes, key, device):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(key)
+        return build_net(args, genotype, num_classes).to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# Results file: appended and flushed per candidate, with its settings beside it
+# --------------------------------------------------------------------------------------------
+
+def read_rows(path, score_col):
+    """{index: row} of a results CSV; a torn last line (a kill mid-write) is cut off."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path, newline="") as f:
+        text = f.read()
+    if text and not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]
+        atomic_write(path, lambda f: f.write(text.encode()))
+    rows = {}
+    for r in csv.DictReader(text.splitlines()):
+        rows[int(r["index"])] = {"index": int(r["index"]), "convs": parse_convs(r["convs"]),
+                                 "params": int(r["params"]), "macs": int(r["macs"]),
+                                 score_col: float(r[score_col])}
+    return rows
+
+
+class ResultsWriter:
+    """Appends one CSV line per candidate, flushed and fsynced: a kill loses at most the
+    candidate in flight."""
+
+    def __init__(self, path, columns):
+        self.columns = columns
+        new = not os.path.isfile(path) or os.path.getsize(path) == 0
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.f = open(path, "a", newline="")
+        self.writer = csv.writer(self.f, lineterminator="\n")
+        if new:
+            self.write_row(dict(zip(columns, columns)))
+
+    def write_row(self, row):
+        self.writer.writerow([row[c] if c != "convs" or isinstance(row[c], str)
+                              else repr(list(row[c])) for c in self.columns])
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def close(self):
+        self.f.close()
+
+
+def write_rows(path, rows, columns):
+    """Rewrite a results file atomically, rows in index order (used by the merge)."""
+    text = io.StringIO()
+    w = csv.writer(text, lineterminator="\n")
+    w.writerow(columns)
+    for r in sorted(rows.values(), key=lambda r: r["index"]):
+        w.writerow([repr(list(r[c])) if c == "convs" else r[c] for c in columns])
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+
+
+def check_settings(path, settings):
+    """Write the run's settings beside its results, or check that a resumed run matches."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if diff:
+            text = ", ".join(f"{k} {a!r} then, {b!r} now" for k, (a, b) in diff.items())
+            raise UserError(f"{path} records different settings ({text}): rerun with the same "
+                            "settings to resume, or move the results file away to start afresh")
+    else:
+        atomic_write(path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed: each rank scores every world-th candidate into its own shard file; rank 0 merges
+# --------------------------------------------------------------------------------------------
+
+def init_distributed(args):
+    """(rank, world, device). torchrun sets WORLD_SIZE; gloo on CPU, nccl on GPU."""
+    device = torch.device(args.device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=12))
+    return dist.get_rank(), world, device
+
+
+def shard_path(path, rank):
+    return f"{path[:-4]}.rank{rank}.csv"
+
+
+def read_done(path, score_col):
+    """Every candidate already scored: the main file and any shard files."""
+    rows = read_rows(path, score_col)
+    for s in sorted(glob.glob(f"{glob.escape(path[:-4])}.rank*.csv")):
+        rows.update(read_rows(s, score_col))
+    return rows
+
+
+def merge_shards(path, score_col, columns):
+    """Fold every shard file into the main results file (index order), then remove them."""
+    shards = sorted(glob.glob(f"{glob.escape(path[:-4])}.rank*.csv"))
+    if not shards:
+        return read_rows(path, score_col)
+    rows = read_rows(path, score_col)
+    for s in shards:
+        rows.update(read_rows(s, score_col))
+    write_rows(path, rows, columns)
+    for s in shards:
+        os.remove(s)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# The search
+# --------------------------------------------------------------------------------------------
+
+def score_all(args, todo, genotypes, table, num_classes, train_set, device, out_path,
+              columns, best, on_new_best, show):
+    """Score candidates `todo` (indices), appending each to out_path. Returns the count."""
+    proxy = get_proxy(args.proxy)
+    score_col = args.proxy
+    shared = None if args.resample_batch else load_batches(train_set, args, args.seed, device)
+    writer = ResultsWriter(out_path, columns)
+    bar = tqdm(todo, disable=not show, desc=f"{args.proxy} at {goal_label(args)}")
+    try:
+        for i in bar:
+            key = candidate_key(args.seed, i)
+            batches = shared or load_batches(train_set, args, key, device)
+            net = make_candidate(args, genotypes[i], num_classes, key, device)
+            params, macs = table.cost(genotypes[i])
+            row = {"index": i, "convs": genotypes[i], "params": params, "macs": macs,
+                   score_col: score_candidate(net, batches, proxy)}
+            writer.write_row(row)
+            if best is None or row[score_col] > best[score_col]:
+                best = row
+                on_new_best(row)
+            bar.set_postfix(best=f"#{best['index']} {best[score_col]:.4g}", refresh=False)
+    finally:
+        writer.close()
+    return len(todo)
+
+
+def genotype_path(args, row):
+    return os.path.join(args.genotype_dir, f"{goal_label(args)}_{row['index']}.csv")
+
+
+def save_best(args, row):
+    save_genotype(genotype_path(args, row), row["convs"], row[args.proxy], row["index"])
+
+
+def main(args):
+    args = resolve(args)
+    names = search_space(args)
+    if args.generate_random:
+        return generate_random(args, names)
+    if not args.data_loc:
+        raise UserError("pass --data_loc (a CIFAR folder or an image folder) to score "
+                        "candidates, or --generate_random to only write genotypes")
+    rank, world, device = init_distributed(args)
+    train_set, _, num_classes = get_datasets(args.dataset, args.data_loc, args.download)
+    table = cost_table(args, num_classes, names)
+    genotypes, source = get_candidates(args, table)
+    score_col = args.proxy
+    columns = ["index", "convs", "params", "macs", score_col]
+    out_path = os.path.join(args.results_dir, f"{args.proxy}_at_{goal_label(args)}.csv")
+    settings = {k: getattr(args, k) for k in (
+        "dataset", "arch", "param_goal", "mac_goal", "tol", "seed", "batch_size",
+        "minibatches", "resample_batch", "proxy")}
+    settings.update(num_classes=num_classes, blocks=names, candidates=source)
+    if args.arch == "wrn":
+        settings.update(wrn_depth=args.wrn_depth, wrn_width=args.wrn_width)
+    if rank == 0:
+        os.makedirs(args.results_dir, exist_ok=True)
+        check_settings(out_path[:-4] + ".json", settings)
+    if world > 1:
+        dist.barrier()
+        check_settings(out_path[:-4] + ".json", settings)
+
+    done = read_done(out_path, score_col) if rank == 0 else None
+    if world > 1:   # rank 0 reads (and repairs) every file; the others learn from it
+        box = [done]
+        dist.broadcast_object_list(box, src=0)
+        done = box[0]
+    for i, r in done.items():
+        if i >= len(genotypes) or r["convs"] != genotypes[i]:
+            raise UserError(f"{out_path}: candidate {i} there is not candidate {i} now (the "
+                            "candidates changed): rerun with the same settings and archs "
+                            "file, or move the results file away")
+
+    todo = [i for i in range(rank, len(genotypes), world) if i not in done]
+    best = max(done.values(), key=lambda r: r[score_col], default=None)
+    single = world == 1
+    start = time.time()
+    n = score_all(args, todo, genotypes, table, num_classes, train_set, device,
+                  out_path if single else shard_path(out_path, rank), columns, best,
+                  (lambda row: save_best(args, row)) if single else (lambda row: None),
+                  show=rank == 0)
+    seconds = time.time() - start
+    if world > 1:   # also the barrier before the merge
+        total = torch.tensor([n], device=device)
+        dist.all_reduce(total)
+        n = int(total)
+    if rank != 0:
+        return None
+    rows = merge_shards(out_path, score_col, columns)
+    return summarise(args, rows, out_path, n, seconds)
+
+
+def summarise(args, rows, out_path, n_scored, seconds):
+    """Write genotype files of the top n (each once) and print and return the summary."""
+    if not rows:
+        raise UserError("no candidates were scored")
+    ranked = sorted(rows.values(), key=lambda r: (-r[args.proxy], r["index"]))
+    for r in ranked[:args.top_n]:
+        if not os.path.isfile(genotype_path(args, r)):
+            save_best(args, r)
+    b = ranked[0]
+    per = seconds / n_scored if n_scored else float("nan")
+    print(f"best of {len(rows)}: #{b['index']}  params {b['params']:,}  MACs {b['macs']:,}  "
+          f"{args.proxy} {b[args.proxy]:.6g}  ({n_scored} scored now, {per:.3f} s each)  "
+          f"-> {genotype_path(args, b)}")
+    return {"best_index": b["index"], "best_genotype": b["convs"], "params": b["params"],
+            "macs": b["macs"], "score": b[args.proxy], args.proxy: b[args.proxy],
+            "proxy": args.proxy, "results": out_path, "genotype": genotype_path(args, b),
+            "n_candidates": len(rows), "n_scored": n_scored, "seconds_per_candidate": per,
+            "ranking": [r["index"] for r in ranked]}
+
+
+def generate_random(args, names):
+    """Write --samples genotypes (convs, params, macs) to --save_file, atomically."""
+    if os.path.exists(args.save_file) and not args.overwrite:
+        raise UserError(f"{args.save_file} exists: pass --overwrite to replace it, or another "
+                        "--save_file")
+    table = cost_table(args, NUM_CLASSES[args.dataset], names)
+    with tqdm(total=args.samples, desc="genotypes") as bar:
+        genotypes = sample_genotypes(table, args.samples, args.param_goal, args.mac_goal,
+                                     args.tol, args.seed, progress=bar.update)
+    params, macs = table.cost_many(np.stack([table.encode(g) for g in genotypes]))
+    df = pd.DataFrame({"convs": [repr(g) for g in genotypes], "params": params, "macs": macs})
+    atomic_write(args.save_file, lambda f: f.write(df.to_csv().encode()))
+    print(f"{len(df)} genotypes, params {params.min():,} to {params.max():,} -> {args.save_file}")
+    return {"save_file": args.save_file, "n": len(df)}
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())

@@ -1,0 +1,151 @@
+"""fisher_rank.py end to end on a tiny generated image folder with WRN-10-1: results and
+genotype files, resume after a simulated kill, settings check, archs file, 2-process shards."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+import fisher_rank
+from funcs import budget_window, fisher_scores, load_genotype, run_cli
+from models import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOAL = 20000
+
+
+def argv(data, out, *extra):
+    return ["cifar10", f"--data_loc={data}", "--wrn_depth", "10", "--wrn_width", "1",
+            "--param_goal", str(GOAL), "--tol", "0.3", "--samples", "6", "--batch_size", "8",
+            "--results_dir", str(out / "results"), "--genotype_dir", str(out / "genotypes"),
+            "--save_file", str(out / "archs.csv"), *extra]
+
+
+@pytest.fixture(autouse=True)
+def cached_cost_tables(monkeypatch):
+    """Building a cost table measures every block type (seconds); tests reuse them."""
+    built = TABLES
+
+    def cost_table(args, num_classes, names):
+        key = (args.arch, args.wrn_depth, args.wrn_width, num_classes, tuple(names))
+        if key not in built:
+            built[key] = ORIGINAL_COST_TABLE(args, num_classes, names)
+        return built[key]
+    monkeypatch.setattr(fisher_rank, "cost_table", cost_table)
+
+
+TABLES = {}
+ORIGINAL_COST_TABLE = fisher_rank.cost_table
+
+
+def run(*a):
+    return fisher_rank.main(fisher_rank.get_args_parser().parse_args(argv(*a)))
+
+
+@pytest.fixture(scope="module")
+def full(tiny_imagefolder, tmp_path_factory):
+    """One uninterrupted search, the reference for the other tests."""
+    out = tmp_path_factory.mktemp("full")
+    summary = run(tiny_imagefolder, out)
+    return out, summary, open(summary["results"]).read()
+
+
+def test_search_writes_results_and_best_genotype(tiny_imagefolder, full):
+    out, s, text = full
+    df = pd.read_csv(s["results"])
+    assert list(df.columns) == ["index", "convs", "params", "macs", "fisher"]
+    assert list(df["index"]) == list(range(6))
+    lo, hi = budget_window(GOAL, 0.3)
+    assert df["params"].between(lo, hi).all()
+    best = df.loc[df["fisher"].idxmax()]
+    assert s["best_index"] == best["index"] and s["fisher"] == pytest.approx(best["fisher"])
+    assert s["genotype"] == str(out / "genotypes" / f"{GOAL}_{best['index']}.csv")
+    assert load_genotype(s["genotype"]) == s["best_genotype"]
+    # newest genotype file is the best: every file written was a new best at its time
+    files = sorted(os.listdir(out / "genotypes"), key=lambda f: int(f.split("_")[1][:-4]))
+    assert files[-1] == os.path.basename(s["genotype"])
+    # a row's score is the Fisher potential of that candidate rebuilt from (seed, index)
+    args = fisher_rank.resolve(fisher_rank.get_args_parser().parse_args(
+        argv(tiny_imagefolder, out)))
+    from funcs import get_datasets
+    train, _, _ = get_datasets("cifar10", tiny_imagefolder)
+    (x, y), = fisher_rank.load_batches(train, args, args.seed, torch.device("cpu"))
+    i = int(best["index"])
+    net = fisher_rank.make_candidate(args, s["best_genotype"], 10,
+                                     fisher_rank.candidate_key(0, i), torch.device("cpu"))
+    assert float(fisher_scores(net, x, y).sum()) == pytest.approx(best["fisher"], rel=1e-6)
+
+
+def test_resume_after_kill_loses_nothing(tiny_imagefolder, full, tmp_path):
+    _, _, reference = full
+    first = run(tiny_imagefolder, tmp_path)
+    path = first["results"]
+    lines = reference.splitlines(keepends=True)
+    with open(path, "w") as f:                  # killed while writing candidate 3
+        f.write("".join(lines[:4]) + lines[4][:12])
+    again = run(tiny_imagefolder, tmp_path)
+    assert again["n_scored"] == 3
+    assert open(path).read() == reference
+    assert run(tiny_imagefolder, tmp_path)["n_scored"] == 0    # finished: nothing to do
+
+
+def test_resume_with_other_settings_is_refused(tiny_imagefolder, tmp_path):
+    run(tiny_imagefolder, tmp_path)
+    with pytest.raises(UserError, match="seed 0 then, 1 now"):
+        run(tiny_imagefolder, tmp_path, "--seed", "1")
+
+
+def test_generate_random_then_score_the_archs_file(tiny_imagefolder, tmp_path):
+    s = run(tiny_imagefolder, tmp_path, "--generate_random", "--samples", "9")
+    archs = pd.read_csv(s["save_file"])
+    assert len(archs) == 9 and {"convs", "params", "macs"} <= set(archs.columns)
+    lo, hi = budget_window(GOAL, 0.3)
+    assert archs["params"].between(lo, hi).all()
+    with pytest.raises(UserError, match="--overwrite"):
+        run(tiny_imagefolder, tmp_path, "--generate_random")
+    scored = pd.read_csv(run(tiny_imagefolder, tmp_path, "--samples", "5")["results"])
+    assert list(scored["convs"]) == list(archs["convs"][:5])
+
+
+def test_user_error_is_one_line(tiny_imagefolder, tmp_path, capsys):
+    a = argv(tiny_imagefolder, tmp_path)
+    a[a.index("--param_goal") + 1] = "10"
+    with pytest.raises(SystemExit) as e:
+        run_cli(fisher_rank.main, fisher_rank.get_args_parser(), a)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "goal must lie between" in err[0]
+
+
+def test_user_block_module(tiny_imagefolder, tmp_path):
+    from models.blocks import BLOCK_TYPES
+    name = "TestFisherUserConv"
+    (tmp_path / "blk.py").write_text(
+        "import torch.nn as nn\nfrom models.blocks import register_block\n"
+        f"register_block('{name}', lambda i, o, s: nn.Conv2d(i, o, 1, s, 0, bias=False))\n")
+    try:
+        s = run(tiny_imagefolder, tmp_path, "--module", str(tmp_path / "blk.py"),
+                "--blocks", f"Conv,{name}", "--param_goal", "60000", "--tol", "0.5",
+                "--samples", "4")
+    finally:
+        BLOCK_TYPES.pop(name, None)
+    used = {n for c in pd.read_csv(s["results"])["convs"] for n in eval(c)}
+    assert used <= {"Conv", name} and name in used
+
+
+def test_two_process_shards_equal_one_process(tiny_imagefolder, full, tmp_path):
+    _, _, reference = full
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", os.path.join(ROOT, "fisher_rank.py"), *argv(tiny_imagefolder, tmp_path)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    merged = pd.read_csv(tmp_path / "results" / f"fisher_at_{GOAL}.csv")
+    single = pd.read_csv(pd.io.common.StringIO(reference))
+    pd.testing.assert_frame_equal(merged.drop(columns="fisher"), single.drop(columns="fisher"))
+    assert merged["fisher"].tolist() == pytest.approx(single["fisher"].tolist(), rel=1e-5)
+    assert list(merged["fisher"].rank()) == list(single["fisher"].rank())
+    assert not [f for f in os.listdir(tmp_path / "results") if ".rank" in f]   # merged away
+    assert f"best of 6: #{single['fisher'].idxmax()}" in p.stdout
