@@ -83,6 +83,10 @@ def get_args_parser():
     p.add_argument("--overwrite", action="store_true", help="let --generate_random replace it")
     p.add_argument("--results_dir", default="results")
     p.add_argument("--genotype_dir", default="genotypes")
+    p.add_argument("--best_file", default=None,
+                   help="also write the best genotype here (a fixed name for sweep scripts)")
+    p.add_argument("--plot", default=True, action=argparse.BooleanOptionalAction,
+                   help="draw results/<proxy>_at_<goal>.png: score against params and MACs")
     return p
 
 
@@ -354,7 +358,10 @@ def score_all(args, todo, genotypes, table, num_classes, train_set, device, out_
 
 
 def genotype_path(args, row):
-    return os.path.join(args.genotype_dir, f"{goal_label(args)}_{row['index']}.csv")
+    """genotypes/<goal>_<index>.csv as the original; other proxies prefix their name, so a
+    comparison run never overwrites the Fisher search's files."""
+    prefix = "" if args.proxy == "fisher" else f"{args.proxy}_"
+    return os.path.join(args.genotype_dir, f"{prefix}{goal_label(args)}_{row['index']}.csv")
 
 
 def save_best(args, row):
@@ -428,6 +435,12 @@ def summarise(args, rows, out_path, n_scored, seconds):
         if not os.path.isfile(genotype_path(args, r)):
             save_best(args, r)
     b = ranked[0]
+    if args.best_file:
+        save_genotype(args.best_file, b["convs"], b[args.proxy], b["index"])
+    if args.plot:
+        from plots import plot_search
+        plot_search(out_path, out_path[:-4] + ".png", args.param_goal, args.mac_goal, args.tol,
+                    score=args.proxy)
     per = seconds / n_scored if n_scored else float("nan")
     print(f"best of {len(rows)}: #{b['index']}  params {b['params']:,}  MACs {b['macs']:,}  "
           f"{args.proxy} {b[args.proxy]:.6g}  ({n_scored} scored now, {per:.3f} s each)  "

@@ -104,6 +104,8 @@ def get_args_parser():
     p.add_argument("--no_amp", action="store_true", help="no mixed precision on CUDA")
     p.add_argument("--no_channels_last", action="store_true", help="NCHW memory format on CUDA")
     p.add_argument("--print_freq", default=10, type=int, help="progress bar refresh, in steps")
+    p.add_argument("--plot", default=True, action=argparse.BooleanOptionalAction,
+                   help="draw <name>.png (error, loss, lr curves) beside the log every epoch")
     return p
 
 
@@ -553,6 +555,9 @@ def fit(model, train_loader, val_loader, optimizer, scheduler, scaler, rt, loss_
             state["log"] = list(log_rows)
             save_checkpoint(paths[0], state)
             append_log(paths[1], row)
+            if args.plot:   # training curves beside the log, redrawn each epoch
+                from plots import plot_training
+                plot_training(paths[1], paths[0][:-3] + ".png")
         rt.print(f"epoch {epoch + 1}/{args.epochs}  lr {lr:.4g}  train loss {train_loss:.4f} "
                  f"err {train_err:.2f}%  val loss {val_loss:.4f} err {val_err:.2f}%  "
                  f"{seconds:.1f} s  {speed:.0f} img/s (train)")

@@ -150,7 +150,9 @@ def main(args):
     table = CostTable.for_wrn(args.wrn_depth, args.wrn_width, names=SEARCH_SPACE)
     genotypes = sample_genotypes(table, args.candidates, args.param_goal, args.mac_goal,
                                  seed=args.seed)
-    columns = ["index", "convs", "params", "macs", *names, "val_error", "train_seconds"]
+    base = ["index", "convs", "params", "macs"]
+    extra = [n for n in names if n not in base]   # the `params` proxy is the params column
+    columns = [*base, *extra, "val_error", "train_seconds"]
     path = os.path.join(folder, "study.csv")
     done = read_done(path, columns)
     batch = None
@@ -167,7 +169,7 @@ def main(args):
             t0 = time.time()
             error = train(args, genotype, i, folder)
             params, macs = table.cost(genotype)
-            writer.writerow([i, str(genotype), params, macs, *[scores[n] for n in names],
+            writer.writerow([i, str(genotype), params, macs, *[scores[n] for n in extra],
                              error, round(time.time() - t0, 1)])
             f.flush()
     df = pd.read_csv(path)

@@ -74,4 +74,4 @@ for t in $TEACHERS; do
   done
   wait
 done
-[ "$DRY_RUN" = 1 ] || echo "moonshine: checkpoints and logs in $CHECKPOINTS/"
+[ "$DRY_RUN" = 1 ] || python plots.py sweep "$CHECKPOINTS"   # table + error-vs-params plot

@@ -1,0 +1,74 @@
+"""The sweep scripts: valid bash, and every command they would run parses with its CLI."""
+import os
+import shlex
+import subprocess
+
+import pytest
+
+import fisher_rank
+import main as trainer
+import plots
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["bash/moonshine.sh", "bash/blockswap.sh"]
+PARSERS = {"main.py": trainer.get_args_parser, "fisher_rank.py": fisher_rank.get_args_parser,
+           "plots.py": plots.get_args_parser}
+
+
+def dry_run(script, **env):
+    r = subprocess.run(["bash", script], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "DRY_RUN": "1", **env})
+    assert r.returncode == 0, r.stderr
+    return [shlex.split(line) for line in r.stdout.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bash_syntax(script):
+    subprocess.run(["bash", "-n", script], cwd=ROOT, check=True)
+
+
+@pytest.mark.parametrize("quick", ["0", "1"])
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_command_parses(script, quick):
+    commands = dry_run(script, QUICK=quick)
+    assert commands
+    for argv in commands:
+        assert argv[0] == "python" and argv[1] in PARSERS, argv
+        args = PARSERS[argv[1]]().parse_args(argv[2:])   # exits (SystemExit) on a bad flag
+        if argv[1] == "main.py":
+            assert args.epochs == (1 if quick == "1" else 200)
+            assert args.train_subset == (256 if quick == "1" else None)
+
+
+def test_moonshine_runs_the_original_sweep():
+    commands = dry_run("bash/moonshine.sh")
+    students = [c for c in commands if c[1] == "main.py" and c[3] == "student"]
+    names = {c[c.index("-s") + 1] for c in students}
+    # 21 uniform cheap-block students and 3 reshaped students for each of 3 teachers
+    assert len(students) == 3 * 24 and len(names) == 72
+    assert "wrn_40_2_2.DConvA4" in names and "wrn_16_1_3" in names
+    shaped = [c for c in students if "--diff_shape" in c]
+    assert {(c[c.index("--stu_depth") + 1], c[c.index("--stu_width") + 1]) for c in shaped} \
+        == {("16", "2"), ("16", "1"), ("40", "1")}
+    assert all(c[-2:] == ["--GPU", "0"] for c in students)   # sequential on one device
+
+
+def test_blockswap_searches_then_trains_each_budget():
+    commands = dry_run("bash/blockswap.sh", BUDGETS="162000 811000")
+    searches = [c for c in commands if c[1] == "fisher_rank.py"]
+    students = [c for c in commands if c[1] == "main.py" and c[3] == "student"]
+    assert [c[c.index("--param_goal") + 1] for c in searches] == ["162000", "811000"]
+    for search, student in zip(searches, students):
+        assert search[search.index("--best_file") + 1] == \
+            student[student.index("--from_genotype") + 1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, "..", "shared", "data",
+                                                   "cifar10-jpeg")), reason="no real CIFAR-10")
+def test_quick_blockswap_end_to_end(tmp_path):
+    """The README's quick pipeline on real CIFAR-10 (a few minutes on a CPU)."""
+    env = {**os.environ, "QUICK": "1", "BUDGETS": "162000", "QUICK_CHECKPOINTS": str(tmp_path)}
+    subprocess.run(["bash", "bash/blockswap.sh"], cwd=ROOT, check=True, env=env)
+    assert os.path.getsize(tmp_path / "sweep.png") > 0
+    assert os.path.isfile(tmp_path / "wrn_40_2_bs162000.t7")
