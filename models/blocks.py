@@ -163,9 +163,15 @@ SEARCH_SPACE: Tuple[str, ...] = (
 def register_block(name: str, build: Callable[..., nn.Module], bottle: bool = False,
                    meaning: str = "user block") -> None:
     """Add a block type: build(in_planes, out_planes, stride) -> module mapping in to out."""
-    if name in BLOCK_TYPES:
+    old = BLOCK_TYPES.get(name)
+    if old is not None and _origin(old.build) != _origin(build):
+        # The same definition again (a --module file loaded twice in one process) is fine.
         raise UserError(f"block type {name!r} is already registered")
     BLOCK_TYPES[name] = BlockType(name, build, bottle, meaning)
+
+
+def _origin(build) -> tuple:
+    return getattr(build, "__module__", None), getattr(build, "__qualname__", repr(build))
 
 
 def load_block_module(path: str) -> None:

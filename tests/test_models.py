@@ -207,8 +207,11 @@ def test_register_user_block_from_module(tmp_path):
         assert net(torch.randn(1, 3, 32, 32))[0].shape == (1, 10)
         # one BottleBlock per position: bn1 + 1x1 conv (+ shortcut in the first block)
         assert count_params(net.block2[0].layer[0]) == 2 * 16 + 16 * 32 + 16 * 32
+        load_block_module(str(path))               # the same file again: allowed
         with pytest.raises(UserError, match="already registered"):
             register_block("TestShift1x1", nn.Identity)
+        with pytest.raises(UserError, match="already registered"):
+            register_block("Conv", nn.Identity)
     finally:
         TABLE.pop("TestShift1x1", None)
     with pytest.raises(UserError, match="no such file"):
