@@ -28,8 +28,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from count_ops import CostTable
-from funcs import (NUM_CLASSES, atomic_write, budget_window, count_genotypes, fisher_scores,
-                   get_datasets, parse_convs, run_cli, sample_genotypes, save_genotype)
+from funcs import (NUM_CLASSES, atomic_write, budget_window, count_genotypes,
+                   distributed_teardown, fisher_scores, get_datasets, parse_convs, run_cli,
+                   sample_genotypes, save_genotype)
 from models import (BLOCK_TYPES, SEARCH_SPACE, ResNet, UserError, WideResNet,
                     load_block_module)
 from models.resnet import LAYERS
@@ -369,6 +370,11 @@ def save_best(args, row):
 
 
 def main(args):
+    with distributed_teardown():   # a no-op without torchrun
+        return search(args)
+
+
+def search(args):
     args = resolve(args)
     names = search_space(args)
     if args.generate_random:

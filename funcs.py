@@ -3,6 +3,7 @@
 import ast
 import contextlib
 import csv
+import gc
 import math
 import os
 import re
@@ -12,6 +13,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -31,6 +33,25 @@ def run_cli(main, parser, argv: Optional[Sequence[str]] = None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+@contextlib.contextmanager
+def distributed_teardown():
+    """Leave a torchrun process group cleanly when the body finishes. On success: free DDP's
+    reducer (gc), wait for every rank, then destroy the group; torch 2.14's gloo aborts at exit
+    now and then ('terminate called without an active exception') when a process leaves with
+    those still alive, or while another rank is still working. On an error: destroy only
+    (another rank may never reach a barrier)."""
+    try:
+        yield
+    except BaseException:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def get_no_params(net: nn.Module, verbose: bool = False) -> int:

@@ -37,8 +37,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
-from funcs import (at_loss, atomic_write, distillation, get_datasets, get_no_params,
-                   load_genotype, run_cli, subset)
+from funcs import (at_loss, atomic_write, distillation, distributed_teardown, get_datasets,
+                   get_no_params, load_genotype, run_cli, subset)
 from models import ResNet, UserError, WideResNet, get_block_type, load_block_module
 from models.resnet import LAYERS
 
@@ -568,11 +568,8 @@ def main(args):
     if args.GPU is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.GPU   # before anything initialises CUDA
     rt = setup_runtime(args)
-    try:
+    with distributed_teardown():
         return train(args, rt)
-    finally:
-        if rt.world > 1:
-            dist.destroy_process_group()
 
 
 def train(args, rt: Runtime):
