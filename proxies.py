@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from count_ops import count_params
+from funcs import fisher_scores
 from models.blocks import UserError
 
 Proxy = Callable[[nn.Module, torch.Tensor, torch.Tensor], float]
@@ -105,9 +106,8 @@ def loss_grads(net: nn.Module, inputs, targets, weights) -> List[torch.Tensor]:
 @proxy("fisher")
 def fisher(net, inputs, targets) -> float:
     """Fisher potential (Theis et al. 2018, as BlockSwap): the sum over residual blocks."""
-    from funcs import fisher_scores  # imported here: funcs.py holds the search's own code
-    with preserved(net):
-        return float(fisher_scores(net, inputs, targets).sum())
+    # fisher_scores restores the net itself (weights, BN buffers, mode, requires_grad)
+    return float(fisher_scores(net, inputs, targets).sum())
 
 
 @proxy("grad_norm")

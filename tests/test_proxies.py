@@ -186,8 +186,6 @@ def test_params_exact():
 
 
 def test_fisher_proxy_is_the_sum_of_fisher_scores():
-    if not hasattr(funcs, "fisher_scores"):
-        pytest.skip("funcs.fisher_scores is not written yet (issue 3)")
     net = _wrn()
     x, y = _images()
     expect = float(funcs.fisher_scores(copy.deepcopy(net).train(), x, y).sum())
@@ -198,8 +196,6 @@ def test_fisher_proxy_is_the_sum_of_fisher_scores():
 
 @pytest.mark.parametrize("name", list(proxies.PROXIES))
 def test_proxy_leaves_net_unchanged_and_is_deterministic(name):
-    if name == "fisher" and not hasattr(funcs, "fisher_scores"):
-        pytest.skip("funcs.fisher_scores is not written yet (issue 3)")
     net = _wrn().train()
     x, y = _images()
     before = {k: v.clone() for k, v in net.state_dict().items()}
