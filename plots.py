@@ -252,7 +252,7 @@ def plot_training(log_path, out_png: str) -> str:
     errors = df[[c for c in ("train_error", "val_error") if c in df]].to_numpy(dtype=float)
     percent = errors.size and np.nanmax(errors) > 1   # errors are saved in percent
     ax_err.set_ylabel("error (%)" if percent else "error")
-    ax_loss.set_ylabel("cross-entropy loss")
+    ax_loss.set_ylabel("loss (train: the objective, with AT/KD for students)")
     for ax in (ax_err, ax_loss):   # log y when the curve falls a decade: late epochs stay legible
         y = np.concatenate([line.get_ydata() for line in ax.get_lines()] or [[np.nan]])
         y = y[np.isfinite(y)]
