@@ -10,7 +10,6 @@ once from single blocks, prices hundreds of thousands of genotypes in millisecon
     python count_ops.py --genotype genotypes/bs800k.csv        # WRN-40-2 unless told otherwise
 """
 import argparse
-import sys
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 

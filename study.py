@@ -15,7 +15,6 @@ checkpoints/ of the trained candidates, and summary.md (the table printed at the
 """
 import argparse
 import csv
-import json
 import os
 import time
 
@@ -23,6 +22,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+import fisher_rank
 import main as trainer
 from count_ops import CostTable
 from funcs import get_datasets, run_cli, sample_genotypes, save_genotype, subset
@@ -110,24 +110,14 @@ def read_done(path, columns):
 
 
 def check_settings(folder, args):
-    """A resumed study must use the settings it started with."""
-    path = os.path.join(folder, "settings.json")
+    """A resumed study must use the settings it started with (settings.json beside it)."""
+    os.makedirs(folder, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("workers", "device", "out")}
-    if os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
-        if old != settings:
-            diff = sorted(k for k in settings if old.get(k) != settings[k])
-            raise UserError(f"{folder} holds a study with other settings ({', '.join(diff)}); "
-                            "use another --out")
-    else:
-        os.makedirs(folder, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(settings, f, indent=1)
+    fisher_rank.check_settings(os.path.join(folder, "settings.json"), settings)
 
 
 def summarise(df, names, args, seconds) -> str:
-    lines = [f"| proxy | Spearman rho vs val error | n |", "|---|---|---|"]
+    lines = ["| proxy | Spearman rho vs val error | n |", "|---|---|---|"]
     for name in names:
         rho = spearman(df[name].to_numpy(float), df["val_error"].to_numpy(float))
         lines.append(f"| {name} | {rho:+.2f} | {len(df)} |")

@@ -8,7 +8,6 @@ approach (fresh net, an extra forward as the original's mask creation, full back
 weight gradients). Sampling: 1000 distinct genotypes at 162K / 800K / 1.6M parameters.
 """
 import argparse
-import copy
 import os
 import sys
 import time

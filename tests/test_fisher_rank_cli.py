@@ -1,7 +1,6 @@
 """fisher_rank.py end to end on a tiny generated image folder with WRN-10-1: results and
 genotype files, resume after a simulated kill, settings check, archs file, 2-process shards."""
 import os
-import shutil
 import subprocess
 import sys
 

@@ -2,7 +2,6 @@
 import ast
 import os
 
-import pandas as pd
 import pytest
 import torch
 
@@ -45,5 +44,5 @@ def test_study_end_to_end_and_resume(tmp_path, tiny_imagefolder, capsys):
 def test_study_refuses_other_settings(tmp_path, tiny_imagefolder):
     run(tmp_path, tiny_imagefolder, ["--proxies", "params"])
     from models import UserError
-    with pytest.raises(UserError, match="other settings"):
+    with pytest.raises(UserError, match=r"records different settings \(epochs 1 then, 2 now\)"):
         run(tmp_path, tiny_imagefolder, ["--proxies", "params", "--epochs", "2"])
