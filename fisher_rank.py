@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from count_ops import CostTable
 from funcs import (NUM_CLASSES, atomic_write, budget_window, count_genotypes,
-                   distributed_teardown, fisher_scores, get_datasets, parse_convs, run_cli,
-                   sample_genotypes, save_genotype)
+                   distributed_teardown, fisher_scores, get_datasets, parse_convs, pick_device,
+                   run_cli, sample_genotypes, save_genotype)
 from models import (BLOCK_TYPES, SEARCH_SPACE, ResNet, UserError, WideResNet,
                     load_block_module)
 from models.resnet import LAYERS
@@ -73,7 +73,8 @@ def get_args_parser():
                    help="scoring function (proxies.py); higher is better")
     p.add_argument("--top_n", default=1, type=int, help="genotype files kept for the best n")
     p.add_argument("--workers", default=0, type=int, help="data loading processes")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps (auto: cuda if any)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:1 or mps (auto: cuda, else mps, else cpu)")
     p.add_argument("--module", default=None, help="Python file that registers block types")
     p.add_argument("--blocks", default=None,
                    help="comma-separated search space (default: the paper's 24 + --module's)")
@@ -100,8 +101,7 @@ def resolve(args):
     args.arch = args.arch or ("resnet34" if args.dataset == "imagenet" else "wrn")
     if not args.generate_random and args.param_goal is None and args.mac_goal is None:
         args.param_goal = DEFAULT_PARAM_GOAL
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = str(pick_device(None if args.device == "auto" else args.device))
     for name in ("samples", "batch_size", "minibatches", "top_n"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")

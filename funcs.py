@@ -54,6 +54,28 @@ def distributed_teardown():
         dist.destroy_process_group()
 
 
+def pick_device(name: Optional[str] = None, local_rank: int = 0) -> torch.device:
+    """The device to run on: `name` (cuda, cuda:N, mps or cpu), or CUDA, else MPS, else CPU.
+    A plain "cuda" means this process's GPU (torchrun's LOCAL_RANK)."""
+    if name is None:
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA GPU is visible (check --GPU / "
+                            "CUDA_VISIBLE_DEVICES)")
+        return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: MPS is not available on this machine")
+    if name not in ("mps", "cpu"):
+        raise UserError(f"--device {name}: expected cuda, cuda:N, mps or cpu")
+    return torch.device(name)
+
+
 def get_no_params(net: nn.Module, verbose: bool = False) -> int:
     """Parameters as the original counts them (no BN running stats, no masks)."""
     total = count_params(net)

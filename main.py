@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 from funcs import (at_loss, atomic_write, distillation, distributed_teardown, get_datasets,
-                   get_no_params, load_genotype, run_cli, subset)
+                   get_no_params, load_genotype, pick_device, run_cli, subset)
 from models import ResNet, UserError, WideResNet, get_block_type, load_block_module
 from models.resnet import LAYERS
 
@@ -136,25 +136,6 @@ class Runtime:
     def print(self, *a):
         if self.main:
             print(*a, flush=True)
-
-
-def pick_device(name: Optional[str], local_rank: int) -> torch.device:
-    if name is None:
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA GPU is visible (check --GPU / CUDA_VISIBLE_DEVICES)")
-        return torch.device("cuda", local_rank)
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps: MPS is not available on this machine")
-    if name not in ("mps", "cpu"):
-        raise UserError(f"--device {name}: expected cuda, mps or cpu")
-    return torch.device(name)
 
 
 def setup_runtime(args) -> Runtime:

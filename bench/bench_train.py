@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import main as M  # noqa: E402
+from funcs import pick_device  # noqa: E402
 
 
 def steps_per_second(model, loss_fn, batches, rt):
@@ -38,7 +39,7 @@ def main():
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = M.pick_device(args.device, 0)
+    device = pick_device(args.device)
     amp = (torch.bfloat16 if device.type == "cuda" and not args.no_amp else None)
     rt = M.Runtime(device, amp_dtype=amp, channels_last=device.type == "cuda")
     g = torch.Generator().manual_seed(0)
