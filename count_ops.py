@@ -27,7 +27,12 @@ from models.wide_resnet import WideResNet, wrn_block_count
 def count_params(module: nn.Module) -> int:
     """Learned parameters as the original counts them: the state dict less BN running
     statistics, `num_batches_tracked` and masks."""
-    return sum(v.numel() for k, v in module.state_dict().items()
+    return count_state_params(module.state_dict())
+
+
+def count_state_params(state: dict) -> int:
+    """count_params of a saved state dict (a checkpoint's `net`)."""
+    return sum(v.numel() for k, v in state.items()
                if "running" not in k and "num_batches_tracked" not in k and "mask" not in k)
 
 

@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.transforms import Bbox
 from matplotlib.ticker import FuncFormatter
 
+from count_ops import count_state_params
 from funcs import atomic_write, run_cli
 from models.blocks import UserError
 from proxies import PROXIES, spearman
@@ -358,8 +359,7 @@ def collect_sweep(checkpoint_dir: str) -> pd.DataFrame:
             method = "teacher"
         else:
             method = "blockswap" if run_args.get("from_genotype") else "moonshine"
-        params = sum(v.numel() for k, v in ckpt["net"].items()
-                     if "running" not in k and "num_batches_tracked" not in k)
+        params = count_state_params(ckpt["net"])
         rows.append({"name": name[:-3], "params": params, "error": ckpt["val_errors"][-1],
                      "epochs": ckpt["epoch"], "method": method})
     if not rows:

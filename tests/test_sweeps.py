@@ -72,3 +72,26 @@ def test_quick_blockswap_end_to_end(tmp_path):
     subprocess.run(["bash", "bash/blockswap.sh"], cwd=ROOT, check=True, env=env)
     assert os.path.getsize(tmp_path / "sweep.png") > 0
     assert os.path.isfile(tmp_path / "wrn_40_2_bs162000.t7")
+
+
+def test_sweep_table_from_checkpoints(tmp_path, tiny_imagefolder):
+    from count_ops import count_params
+    from models import WideResNet
+    common = ["--data_loc", tiny_imagefolder, "--checkpoint_dir", str(tmp_path), "--epochs", "1",
+              "--batch_size", "8", "--train_subset", "8", "--val_subset", "10", "--workers", "0",
+              "--device", "cpu", "--no-plot", "--wrn_depth", "10", "--wrn_width", "1"]
+    trainer.main(trainer.get_args_parser().parse_args(["cifar10", "teacher", "-t", "t", *common]))
+    geno = tmp_path / "g.csv"
+    geno.write_text(',index,convs,fisher\n0,0,"[\'G2B2\', \'DConv\', \'Conv\']",0.0\n')
+    trainer.main(trainer.get_args_parser().parse_args(
+        ["cifar10", "student", "-t", "t", "-s", "s", "--from_genotype", str(geno), *common]))
+    trainer.main(trainer.get_args_parser().parse_args(
+        ["cifar10", "student", "--moonshine", "--conv", "DConvA4", "-t", "t", "-s", "m",
+         *common]))
+    df = plots.collect_sweep(str(tmp_path)).set_index("name")
+    assert df["method"].to_dict() == {"m": "moonshine", "s": "blockswap", "t": "teacher"}
+    assert df.loc["s", "params"] == count_params(WideResNet(10, 1, ["G2B2", "DConv", "Conv"]))
+    assert df.loc["t", "params"] == count_params(WideResNet(10, 1))
+    assert (df["epochs"] == 1).all() and ((df["error"] / 10) % 1 == 0).all()  # 10 val images
+    plots.main(plots.get_args_parser().parse_args(["sweep", str(tmp_path)]))
+    assert (tmp_path / "sweep.csv").is_file() and (tmp_path / "sweep.png").stat().st_size > 0
