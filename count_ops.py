@@ -187,18 +187,28 @@ class CostTable:
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Parameters and MACs of a network or genotype.")
-    p.add_argument("--genotype", help="genotype CSV (default: a uniform network of --conv)")
+    p = argparse.ArgumentParser(description="Parameters and MACs of a network or genotype.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--genotype", help="genotype CSV (None: a uniform network of --conv)")
     p.add_argument("--conv", default="Conv", help="block type of a uniform network")
-    p.add_argument("--arch", default="wrn", choices=["wrn", *LAYERS])
-    p.add_argument("--wrn_depth", default=40, type=int)
-    p.add_argument("--wrn_width", default=2, type=int)
-    p.add_argument("--num_classes", default=None, type=int)
+    p.add_argument("--arch", default="wrn", choices=["wrn", *LAYERS], help="network family")
+    p.add_argument("--wrn_depth", default=40, type=int, help="WRN depth, 6n+4")
+    p.add_argument("--wrn_width", default=2, type=int, help="WRN width factor")
+    p.add_argument("--num_classes", default=None, type=int,
+                   help="classifier outputs (None: 10 for wrn, 1000 for resnets)")
+    p.add_argument("--module", default=None, help="Python file that registers block types")
     return p
 
 
 def main(args):
     from funcs import load_genotype  # funcs imports this module
+    from models.blocks import load_block_module
+    if args.num_classes is not None and args.num_classes < 1:
+        raise UserError(f"--num_classes must be at least 1, got {args.num_classes}")
+    if args.arch == "wrn" and args.wrn_width < 1:
+        raise UserError(f"--wrn_width must be at least 1, got {args.wrn_width}")
+    if args.module:
+        load_block_module(args.module)
     convs = load_genotype(args.genotype) if args.genotype else args.conv
     if args.arch == "wrn":
         net = WideResNet(args.wrn_depth, args.wrn_width, convs, args.num_classes or 10)

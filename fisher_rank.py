@@ -9,16 +9,23 @@ potential after one minibatch at random initialisation, keep the best.
     torchrun --standalone --nproc_per_node 4 fisher_rank.py cifar10 --data_loc=../cifar10 ...
 
 Every scored candidate is appended (and flushed) to results/<proxy>_at_<goal>.csv; re-running
-the same command resumes where it stopped. Each new best is written to
-genotypes/<goal>_<index>.csv, so the newest genotype file is the best.
+the same command resumes where it stopped. The best is always in
+results/<proxy>_at_<goal>_best.csv; each new best and, at the end, the top --top_n are also
+written to genotypes/<goal>_<index>.csv with their rank (a file of another search is never
+overwritten).
+
+Candidates: the rows of the archs file (--save_file, default archs/master_arch.csv) that meet the
+budget, when it has at least --samples of them; else exact samples. Every search prints which.
 """
 import argparse
 import csv
 import datetime
 import glob
+import hashlib
 import io
 import json
 import os
+import re
 import time
 
 import numpy as np
@@ -28,9 +35,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from count_ops import CostTable
-from funcs import (NUM_CLASSES, atomic_write, budget_window, count_genotypes,
-                   distributed_teardown, fisher_scores, get_datasets, parse_convs, pick_device,
-                   run_cli, sample_genotypes, save_genotype)
+from funcs import (NUM_CLASSES, atomic_write, budget_window, check_writable, count_genotypes,
+                   dataset_identity, distributed_teardown, fisher_scores, get_datasets,
+                   load_genotype, parse_convs, pick_device, pid_lock, run_cli, sample_genotypes,
+                   save_genotype)
 from models import (BLOCK_TYPES, SEARCH_SPACE, ResNet, UserError, WideResNet,
                     load_block_module)
 from models.resnet import LAYERS
@@ -46,29 +54,32 @@ except ImportError:  # proxies.py absent: Fisher potential only
         return PROXIES[name]
 
 DEFAULT_PARAM_GOAL = 800_000   # the original's default when no goal is given
+DEFAULT_ARCHS = "archs/master_arch.csv"   # --generate_random's file; used when it fits
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="BlockSwap: rank budget-meeting networks by "
-                                            "Fisher potential at initialisation.")
+                                            "Fisher potential at initialisation.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("dataset", choices=["cifar10", "cifar100", "imagenet"])
     p.add_argument("--data_loc", default=None,
                    help="torchvision CIFAR folder or an image folder train/ + test|val/")
     p.add_argument("--download", action="store_true", help="fetch CIFAR into --data_loc")
     p.add_argument("--arch", default=None, choices=["wrn", *LAYERS],
-                   help="network family (default: wrn for CIFAR, resnet34 for imagenet)")
-    p.add_argument("--wrn_depth", default=40, type=int)
-    p.add_argument("--wrn_width", default=2, type=int)
+                   help="network family (None: wrn for CIFAR, resnet34 for imagenet)")
+    p.add_argument("--wrn_depth", default=40, type=int, help="WRN depth, 6n+4")
+    p.add_argument("--wrn_width", default=2, type=int, help="WRN width factor")
     p.add_argument("--param_goal", default=None, type=int,
                    help=f"parameter budget (scoring defaults to {DEFAULT_PARAM_GOAL:,})")
     p.add_argument("--mac_goal", default=None, type=int, help="MAC budget (may join params)")
-    p.add_argument("--tol", default=0.025, type=float, help="window half-width, a fraction")
+    p.add_argument("--tol", default=0.025, type=float,
+                   help="window half-width, a fraction between 0 and 1 (0.025: +-2.5%%)")
     p.add_argument("--samples", default=1000, type=int, help="candidates to score / generate")
     p.add_argument("--seed", default=0, type=int, help="sampling, minibatch and init seed")
-    p.add_argument("--batch_size", default=128, type=int)
+    p.add_argument("--batch_size", default=128, type=int, help="images per scoring minibatch")
     p.add_argument("--minibatches", default=1, type=int, help="scores summed over this many")
     p.add_argument("--resample_batch", action="store_true",
-                   help="a different minibatch per candidate (default: one shared, fair)")
+                   help="a different minibatch per candidate (off: one shared, fair)")
     p.add_argument("--proxy", default="fisher", choices=sorted(PROXIES),
                    help="scoring function (proxies.py); higher is better")
     p.add_argument("--top_n", default=1, type=int, help="genotype files kept for the best n")
@@ -77,14 +88,19 @@ def get_args_parser():
                    help="cpu, cuda, cuda:1 or mps (auto: cuda, else mps, else cpu)")
     p.add_argument("--module", default=None, help="Python file that registers block types")
     p.add_argument("--blocks", default=None,
-                   help="comma-separated search space (default: the paper's 24 + --module's)")
+                   help="comma-separated search space (None: the paper's 24 + --module's)")
     p.add_argument("--generate_random", action="store_true",
                    help="write --samples random genotypes to --save_file and stop")
-    p.add_argument("--save_file", default="archs/master_arch.csv",
-                   help="archs file: written by --generate_random, read when scoring")
+    p.add_argument("--save_file", default=DEFAULT_ARCHS,
+                   help="archs file: written by --generate_random; when scoring, the candidates "
+                        "are its rows within the budget if at least --samples of them are (the "
+                        "default file is skipped with a message when it does not fit, a named "
+                        "one is an error); 'none': exact samples")
     p.add_argument("--overwrite", action="store_true", help="let --generate_random replace it")
-    p.add_argument("--results_dir", default="results")
-    p.add_argument("--genotype_dir", default="genotypes")
+    p.add_argument("--results_dir", default="results",
+                   help="<proxy>_at_<goal>.csv/.json/.png and _best.csv (the best genotype)")
+    p.add_argument("--genotype_dir", default="genotypes",
+                   help="<goal>_<index>.csv of each new best and of the top --top_n")
     p.add_argument("--best_file", default=None,
                    help="also write the best genotype here (a fixed name for sweep scripts)")
     p.add_argument("--plot", default=True, action=argparse.BooleanOptionalAction,
@@ -105,6 +121,9 @@ def resolve(args):
     for name in ("samples", "batch_size", "minibatches", "top_n"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not 0 < args.tol < 1:
+        raise UserError(f"--tol must lie strictly between 0 and 1 (a fraction of the goal: "
+                        f"0.025 is +-2.5%), got {args.tol:g}")
     return args
 
 
@@ -114,7 +133,11 @@ def search_space(args):
     if args.module:
         load_block_module(args.module)
     if args.blocks:
-        return [n.strip() for n in args.blocks.split(",") if n.strip()]
+        names = [n.strip() for n in args.blocks.split(",") if n.strip()]
+        if not names:
+            raise UserError(f"--blocks {args.blocks!r} names no block type: give "
+                            "comma-separated names such as Conv,DConvA4,G8B2")
+        return names
     return list(SEARCH_SPACE) + [n for n in BLOCK_TYPES if n not in before]
 
 
@@ -146,33 +169,74 @@ def in_budget(args, params: np.ndarray, macs: np.ndarray) -> np.ndarray:
     return ok
 
 
-def candidates_from_file(args, table):
-    """Genotypes of the archs file that meet the budget, in file order (None if no file)."""
-    if not os.path.isfile(args.save_file):
-        return None
-    try:
-        df = pd.read_csv(args.save_file)
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise UserError(f"{args.save_file}: not a readable CSV ({e})") from None
-    if "convs" not in df.columns:
-        raise UserError(f"{args.save_file}: expected a 'convs' column (an archs file from "
+def read_archs(path):
+    """(genotypes, sha256 of the file) of an archs file; a file that cannot be one is an error."""
+    if os.path.isdir(path):
+        raise UserError(f"--save_file {path} is a directory, not an archs file (a CSV from "
                         "--generate_random)")
-    if "params" in df.columns and args.param_goal is not None:  # cheap pre-filter
-        lo, hi = budget_window(args.param_goal, args.tol)
-        df = df[df["params"].between(lo, hi)]
-    genotypes = [parse_convs(c, where=f"{args.save_file}, convs") for c in df["convs"]]
-    if not genotypes:
-        return []
-    params, macs = table.cost_many(np.stack([table.encode(g) for g in genotypes]))
-    return [g for g, ok in zip(genotypes, in_budget(args, params, macs)) if ok]
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        df = pd.read_csv(io.BytesIO(data))
+    except pd.errors.EmptyDataError:
+        raise UserError(f"archs file {path} is empty: write it again with --generate_random, "
+                        "or pass --save_file none for exact samples") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a readable CSV ({e})") from None
+    if "convs" not in df.columns:
+        raise UserError(f"{path}: expected a 'convs' column (an archs file from "
+                        "--generate_random)")
+    if df.empty:
+        raise UserError(f"archs file {path} has no rows: write it again with "
+                        "--generate_random, or pass --save_file none for exact samples")
+    return list(df["convs"]), hashlib.sha256(data).hexdigest()
+
+
+def candidates_from_file(args, table):
+    """(genotypes, source) from the archs file's rows that meet the budget, in file order, or
+    None for exact samples. The default file is skipped with a message when it does not fit
+    (another network, too few rows in budget); a file named with --save_file must fit."""
+    path = args.save_file
+    named = path != DEFAULT_ARCHS
+    if not named and not os.path.lexists(path):
+        print(f"candidates: exact samples ({path} absent)")
+        return None
+    if named and not os.path.lexists(path):
+        raise UserError(f"archs file {path} not found: write it with --generate_random, or "
+                        "pass --save_file none for exact samples")
+    cells, digest = read_archs(path)
+    try:
+        genotypes = [parse_convs(c, where=f"{path}, convs") for c in cells]
+        params, macs = table.cost_many(np.stack([table.encode(g) for g in genotypes]))
+    except UserError as e:   # written for another network or search space
+        if named:
+            raise UserError(f"{path} does not fit this search ({e}): pass the archs file of "
+                            "this network, or --save_file none for exact samples") from None
+        print(f"candidates: exact samples ({path} skipped, written for another network: {e})")
+        return None
+    fit = [g for g, ok in zip(genotypes, in_budget(args, params, macs)) if ok]
+    counts = f"{len(fit)} of its {len(genotypes)} rows meet this budget"
+    if len(fit) < args.samples:
+        if named:
+            raise UserError(f"{path}: {counts}, fewer than --samples {args.samples}: lower "
+                            "--samples, or pass --save_file none for exact samples")
+        print(f"candidates: exact samples ({path} skipped: {counts}, fewer than --samples "
+              f"{args.samples})")
+        return None
+    print(f"candidates: {path} (sha256 {digest[:12]}): {counts}; scoring the first "
+          f"{args.samples}")
+    return fit[:args.samples], f"sha256:{digest}"
 
 
 def get_candidates(args, table):
-    """(genotypes, source): the archs file's in-budget rows when it has enough of them, else
-    exactly uniform samples within the budget window."""
-    from_file = candidates_from_file(args, table)
-    if from_file is not None and len(from_file) >= args.samples:
-        return from_file[:args.samples], os.path.abspath(args.save_file)
+    """(genotypes, source): the archs file's in-budget rows when it fits (see
+    candidates_from_file), else exactly uniform samples within the budget window ("sampled")."""
+    if args.save_file.lower() == "none":
+        print("candidates: exact samples (--save_file none)")
+    else:
+        from_file = candidates_from_file(args, table)
+        if from_file is not None:
+            return from_file
     n = args.samples
     available = count_genotypes(table, args.param_goal, args.mac_goal, args.tol)
     if available < n:
@@ -365,13 +429,61 @@ def genotype_path(args, row):
     return os.path.join(args.genotype_dir, f"{prefix}{goal_label(args)}_{row['index']}.csv")
 
 
-def save_best(args, row):
-    save_genotype(genotype_path(args, row), row["convs"], row[args.proxy], row["index"])
+def best_path(out_path):
+    """results/<proxy>_at_<goal>_best.csv: the best genotype of this search, always."""
+    return out_path[:-4] + "_best.csv"
+
+
+def save_best(args, row, out_path):
+    """A new best: its genotype file (rank 1) and the fixed best file."""
+    save_genotype(genotype_path(args, row), row["convs"], row[args.proxy], row["index"], rank=1)
+    save_genotype(best_path(out_path), row["convs"], row[args.proxy], row["index"], rank=1)
+
+
+def genotype_files(args):
+    """{index: path} of the genotype files of this proxy and goal in --genotype_dir."""
+    if not os.path.isdir(args.genotype_dir):
+        return {}
+    pattern = re.compile(re.escape(os.path.basename(genotype_path(args, {"index": 0}))[:-5])
+                         + r"(\d+)\.csv")
+    return {int(m.group(1)): os.path.join(args.genotype_dir, m.group(0))
+            for m in map(pattern.fullmatch, sorted(os.listdir(args.genotype_dir))) if m}
+
+
+def check_genotype_files(args, genotypes):
+    """Refuse (before any work) when genotypes/<goal>_<i>.csv holds another genotype than
+    candidate i: it belongs to another search, which this one would overwrite."""
+    for i, path in genotype_files(args).items():
+        if i < len(genotypes) and load_genotype(path) != genotypes[i]:
+            raise UserError(f"{path} holds another search's genotype (not candidate {i} of this "
+                            "one): pass another --genotype_dir, or move that file away")
+
+
+def select_rows(rows, n, out_path):
+    """The stored candidates this run ranks: the first n (--samples); says so when more are
+    stored (a search that scored more before)."""
+    if max(rows, default=-1) < n:
+        return rows
+    print(f"{out_path} holds {len(rows)} candidates; ranking the first {n} (--samples "
+          f"{n}; rerun with --samples {max(rows) + 1} to rank them all)")
+    return {i: r for i, r in rows.items() if i < n}
 
 
 def main(args):
     with distributed_teardown():   # a no-op without torchrun
         return search(args)
+
+
+def search_settings(args, names, num_classes, source, train_set):
+    """What a resumed search must share with the run that started it."""
+    settings = {k: getattr(args, k) for k in (
+        "dataset", "arch", "param_goal", "mac_goal", "tol", "seed", "batch_size",
+        "minibatches", "resample_batch", "proxy")}
+    settings.update(num_classes=num_classes, blocks=names, candidates=source,
+                    data=dataset_identity(train_set))
+    if args.arch == "wrn":
+        settings.update(wrn_depth=args.wrn_depth, wrn_width=args.wrn_width)
+    return settings
 
 
 def search(args):
@@ -382,21 +494,32 @@ def search(args):
     if not args.data_loc:
         raise UserError("pass --data_loc (a CIFAR folder or an image folder) to score "
                         "candidates, or --generate_random to only write genotypes")
+    check_writable(args.results_dir, "--results_dir")
+    check_writable(args.genotype_dir, "--genotype_dir")
     rank, world, device = init_distributed(args)
     train_set, _, num_classes = get_datasets(args.dataset, args.data_loc, args.download)
     table = cost_table(args, num_classes, names)
     genotypes, source = get_candidates(args, table)
+    out_path = os.path.join(args.results_dir, f"{args.proxy}_at_{goal_label(args)}.csv")
+    settings = search_settings(args, names, num_classes, source, train_set)
+    if rank != 0:
+        return run_search(args, genotypes, settings, table, num_classes, train_set, out_path,
+                          rank, world, device)
+    if os.path.isfile(out_path[:-4] + ".json"):   # a resumed search: compare only, first
+        check_settings(out_path[:-4] + ".json", settings)
+    check_genotype_files(args, genotypes)
+    os.makedirs(args.results_dir, exist_ok=True)
+    with pid_lock(out_path[:-4] + ".lock", out_path):
+        return run_search(args, genotypes, settings, table, num_classes, train_set, out_path,
+                          rank, world, device)
+
+
+def run_search(args, genotypes, settings, table, num_classes, train_set, out_path, rank, world,
+               device):
+    """Check or write the settings, score what is not yet scored, merge, summarise."""
     score_col = args.proxy
     columns = ["index", "convs", "params", "macs", score_col]
-    out_path = os.path.join(args.results_dir, f"{args.proxy}_at_{goal_label(args)}.csv")
-    settings = {k: getattr(args, k) for k in (
-        "dataset", "arch", "param_goal", "mac_goal", "tol", "seed", "batch_size",
-        "minibatches", "resample_batch", "proxy")}
-    settings.update(num_classes=num_classes, blocks=names, candidates=source)
-    if args.arch == "wrn":
-        settings.update(wrn_depth=args.wrn_depth, wrn_width=args.wrn_width)
     if rank == 0:
-        os.makedirs(args.results_dir, exist_ok=True)
         check_settings(out_path[:-4] + ".json", settings)
     if world > 1:
         dist.barrier()
@@ -407,8 +530,9 @@ def search(args):
         box = [done]
         dist.broadcast_object_list(box, src=0)
         done = box[0]
+    done = {i: r for i, r in done.items() if i < len(genotypes)}   # beyond --samples: kept
     for i, r in done.items():
-        if i >= len(genotypes) or r["convs"] != genotypes[i]:
+        if r["convs"] != genotypes[i]:
             raise UserError(f"{out_path}: candidate {i} there is not candidate {i} now (the "
                             "candidates changed): rerun with the same settings and archs "
                             "file, or move the results file away")
@@ -419,7 +543,7 @@ def search(args):
     start = time.time()
     n = score_all(args, todo, genotypes, table, num_classes, train_set, device,
                   out_path if single else shard_path(out_path, rank), columns, best,
-                  (lambda row: save_best(args, row)) if single else (lambda row: None),
+                  (lambda row: save_best(args, row, out_path)) if single else (lambda row: None),
                   show=rank == 0)
     seconds = time.time() - start
     if world > 1:   # also the barrier before the merge
@@ -428,18 +552,28 @@ def search(args):
         n = int(total)
     if rank != 0:
         return None
-    rows = merge_shards(out_path, score_col, columns)
+    rows = select_rows(merge_shards(out_path, score_col, columns), len(genotypes), out_path)
     return summarise(args, rows, out_path, n, seconds)
 
 
+def write_ranked(args, ranked, out_path):
+    """Genotype files with their rank: the top --top_n, and every file of this search already
+    in --genotype_dir (an earlier best) with its rank now; the best last, so the newest file is
+    the best. The best also goes to the fixed results/<proxy>_at_<goal>_best.csv."""
+    existing = genotype_files(args)
+    for k, r in reversed(list(enumerate(ranked, 1))):
+        if k <= args.top_n or r["index"] in existing:
+            save_genotype(genotype_path(args, r), r["convs"], r[args.proxy], r["index"], rank=k)
+    b = ranked[0]
+    save_genotype(best_path(out_path), b["convs"], b[args.proxy], b["index"], rank=1)
+
+
 def summarise(args, rows, out_path, n_scored, seconds):
-    """Write genotype files of the top n (each once) and print and return the summary."""
+    """Write the genotype files of the top n, ranked, and print and return the summary."""
     if not rows:
         raise UserError("no candidates were scored")
     ranked = sorted(rows.values(), key=lambda r: (-r[args.proxy], r["index"]))
-    for r in ranked[:args.top_n]:
-        if not os.path.isfile(genotype_path(args, r)):
-            save_best(args, r)
+    write_ranked(args, ranked, out_path)
     b = ranked[0]
     if args.best_file:
         save_genotype(args.best_file, b["convs"], b[args.proxy], b["index"])
@@ -450,19 +584,27 @@ def summarise(args, rows, out_path, n_scored, seconds):
     per = seconds / n_scored if n_scored else float("nan")
     print(f"best of {len(rows)}: #{b['index']}  params {b['params']:,}  MACs {b['macs']:,}  "
           f"{args.proxy} {b[args.proxy]:.6g}  ({n_scored} scored now, {per:.3f} s each)  "
-          f"-> {genotype_path(args, b)}")
+          f"-> {best_path(out_path)}")
+    for k, r in enumerate(ranked[:args.top_n], 1):
+        print(f"  rank {k}: #{r['index']}  {args.proxy} {r[args.proxy]:.6g}  "
+              f"-> {genotype_path(args, r)}")
     return {"best_index": b["index"], "best_genotype": b["convs"], "params": b["params"],
             "macs": b["macs"], "score": b[args.proxy], args.proxy: b[args.proxy],
             "proxy": args.proxy, "results": out_path, "genotype": genotype_path(args, b),
+            "best_file": best_path(out_path),
             "n_candidates": len(rows), "n_scored": n_scored, "seconds_per_candidate": per,
             "ranking": [r["index"] for r in ranked]}
 
 
 def generate_random(args, names):
     """Write --samples genotypes (convs, params, macs) to --save_file, atomically."""
+    if args.save_file.lower() == "none" or os.path.isdir(args.save_file):
+        raise UserError(f"--generate_random writes an archs file: --save_file {args.save_file} "
+                        "is not a file name")
     if os.path.exists(args.save_file) and not args.overwrite:
         raise UserError(f"{args.save_file} exists: pass --overwrite to replace it, or another "
                         "--save_file")
+    check_writable(os.path.dirname(args.save_file) or ".", "--save_file")
     table = cost_table(args, NUM_CLASSES[args.dataset], names)
     with tqdm(total=args.samples, desc="genotypes") as bar:
         genotypes = sample_genotypes(table, args.samples, args.param_goal, args.mac_goal,
@@ -470,7 +612,9 @@ def generate_random(args, names):
     params, macs = table.cost_many(np.stack([table.encode(g) for g in genotypes]))
     df = pd.DataFrame({"convs": [repr(g) for g in genotypes], "params": params, "macs": macs})
     atomic_write(args.save_file, lambda f: f.write(df.to_csv().encode()))
-    print(f"{len(df)} genotypes, params {params.min():,} to {params.max():,} -> {args.save_file}")
+    print(f"{len(df)} genotypes, params {params.min():,} to {params.max():,} -> {args.save_file}"
+          f"\nsearches with --save_file {args.save_file} score its rows within their budget "
+          "(--save_file none: exact samples)")
     return {"save_file": args.save_file, "n": len(df)}
 
 

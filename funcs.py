@@ -4,9 +4,11 @@ import ast
 import contextlib
 import csv
 import gc
+import hashlib
 import math
 import os
 import re
+import socket
 import sys
 import tempfile
 from typing import List, Optional, Sequence
@@ -102,6 +104,58 @@ def atomic_write(path: str, write) -> None:
         raise
 
 
+def check_writable(folder: str, flag: str) -> None:
+    """UserError naming `folder` when files cannot be written there (or in the nearest existing
+    folder above it, where it would be made), so a run fails before any work, not after."""
+    d = os.path.abspath(folder)
+    while not os.path.exists(d):
+        d = os.path.dirname(d)
+    if not os.path.isdir(d):
+        raise UserError(f"{flag} {folder}: {d} is a file, not a folder")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder}: the folder {d} is not writable (read-only); "
+                        f"pass another {flag}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's process: alive
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def pid_lock(path: str, what: str):
+    """Hold `path` (created exclusively, holding "<pid> <host>") while the body runs, so two
+    runs never write `what` at once. The lock of a process that died on this host (killed,
+    crashed) is taken over with a message; a live one is a UserError."""
+    host = socket.gethostname()
+    for attempt in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            with open(path) as f:
+                pid, _, owner = f.read().strip().partition(" ")
+            # a torn lock (no pid) or a dead process of this host: stale
+            stale = not pid.isdigit() or (owner == host and not _pid_alive(int(pid)))
+            if attempt or not stale:
+                where = "" if owner == host else f" on {owner}"
+                raise UserError(f"another run (process {pid or '?'}{where}) is writing {what}: "
+                                f"wait for it to finish, or remove {path} if it is gone") from None
+            print(f"{path}: taking over the stale lock of process {pid or '?'} (not running)")
+            os.remove(path)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()} {host}\n")
+    try:
+        yield path
+    finally:
+        os.remove(path)
+
+
 # --------------------------------------------------------------------------------------------
 # Genotype files: CSV with columns (unnamed row index), index, convs, fisher, as the paper's
 # repository ships them. `convs` is a Python list literal of block names; the 2019 form held
@@ -138,6 +192,8 @@ def parse_convs(cell: str, where: str = "genotype") -> List[str]:
 
 def load_genotype(path: str) -> List[str]:
     """The genotype (list of block names) in the first row of a genotype CSV."""
+    if os.path.isdir(path):
+        raise UserError(f"genotype file {path} is a directory, not a CSV file")
     if not os.path.isfile(path):
         raise UserError(f"genotype file {path} not found")
     try:
@@ -150,12 +206,16 @@ def load_genotype(path: str) -> List[str]:
     return parse_convs(rows[0]["convs"] or "", where=f"{path}, row 1, column convs")
 
 
-def save_genotype(path: str, genotype: Sequence[str], fisher: float = 0.0, index: int = 0):
-    """Write a genotype CSV in the paper repository's form (atomically)."""
+def save_genotype(path: str, genotype: Sequence[str], fisher: float = 0.0, index: int = 0,
+                  rank: Optional[int] = None):
+    """Write a genotype CSV in the paper repository's form (atomically); a search adds the
+    candidate's `rank` (1 = best) as a last column."""
     genotype = [get_block_type(n).name for n in genotype]
+    head, tail = (",rank", f",{rank}") if rank is not None else ("", "")
 
     def write(f):
-        text = ",index,convs,fisher\n" + f'0,{index},"{genotype!r}",{float(fisher)!r}\n'
+        text = (f",index,convs,fisher{head}\n"
+                + f'0,{index},"{genotype!r}",{float(fisher)!r}{tail}\n')
         f.write(text.encode())
     atomic_write(path, write)
 
@@ -239,6 +299,23 @@ def get_datasets(dataset: str, data_loc: str, download: bool = False, cutout: in
                         f"{cls.base_folder}/ or an image folder train/<class>/ with test/ or "
                         "val/; pass --download to fetch it") from None
     return train_set, val_set, NUM_CLASSES[dataset]
+
+
+def dataset_identity(ds) -> dict:
+    """What identifies a data set for a resumed run: its size and a sha256 of its file list
+    (an image folder: paths relative to its root, with labels) or of its pixels and labels
+    (torchvision CIFAR). A moved or copied folder matches; another folder does not."""
+    h = hashlib.sha256()
+    if hasattr(ds, "samples") and hasattr(ds, "root"):          # ImageFolder
+        for path, label in ds.samples:
+            rel = os.path.relpath(path, ds.root).replace(os.sep, "/")
+            h.update(f"{rel}\t{label}\n".encode())
+    elif hasattr(ds, "data") and hasattr(ds, "targets"):          # torchvision CIFAR
+        h.update(np.ascontiguousarray(ds.data).tobytes())
+        h.update(np.asarray(ds.targets, np.int64).tobytes())
+    else:
+        raise TypeError(f"dataset_identity: cannot identify a {type(ds).__name__}")
+    return {"images": len(ds), "sha256": h.hexdigest()}
 
 
 def subset(ds, n: Optional[int], seed: int = 0):

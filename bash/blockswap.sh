@@ -20,6 +20,7 @@ SAMPLES=${SAMPLES:-1000}                  # candidates ranked per budget
 EPOCHS=${EPOCHS:-200}
 EXTRA=${EXTRA:-}                          # more main.py flags, e.g. "--cosine --cutout"
 SEARCH_EXTRA=${SEARCH_EXTRA:-}            # more fisher_rank.py flags, e.g. "--seed 1"
+ARCHS=${ARCHS:-none}                      # candidates: none = exact samples, or an archs file
 QUICK=${QUICK:-0}
 DRY_RUN=${DRY_RUN:-0}
 CHECKPOINTS=${CHECKPOINTS:-checkpoints}
@@ -50,7 +51,7 @@ for goal in $BUDGETS; do
   # shellcheck disable=SC2086
   say python fisher_rank.py "$DATASET" --data_loc="$DATA" --param_goal "$goal" \
     --samples "$SAMPLES" --results_dir "$OUT" --genotype_dir "$GENOTYPES" --best_file "$best" \
-    $SEARCH_EXTRA
+    --save_file "$ARCHS" $SEARCH_EXTRA
   if [ "$DRY_RUN" != 1 ] && [ -f "$CHECKPOINTS/$student.t7" ]; then continue; fi
   # shellcheck disable=SC2086
   say python main.py "$DATASET" student -t "$TEACHER" -s "$student" --wrn_depth 40 --wrn_width 2 \

@@ -2,7 +2,7 @@
 # Moonshine baselines (Crowley et al. 2018), as the original BlockSwap sweep: for each teacher
 # WRN-40-2 number t, train uniform students of every cheap block type, plus the WRN-16-2,
 # WRN-16-1 and WRN-40-1 students, all with attention transfer from checkpoints/wrn_40_2_$t.t7
-# (the teacher is trained first if its checkpoint is missing).
+# (the teacher is trained first if its checkpoint is missing). No search: no archs file is read.
 #
 #   bash bash/moonshine.sh                        # the full sweep, sequentially on GPU 0
 #   GPUS="0 1 2 3" bash bash/moonshine.sh         # one run per GPU at a time

@@ -20,7 +20,7 @@ def argv(data, out, *extra):
     return ["cifar10", f"--data_loc={data}", "--wrn_depth", "10", "--wrn_width", "1",
             "--param_goal", str(GOAL), "--tol", "0.3", "--samples", "6", "--batch_size", "8",
             "--results_dir", str(out / "results"), "--genotype_dir", str(out / "genotypes"),
-            "--save_file", str(out / "archs.csv"), *extra]
+            "--save_file", "none", *extra]
 
 
 @pytest.fixture(autouse=True)
@@ -98,14 +98,15 @@ def test_resume_with_other_settings_is_refused(tiny_imagefolder, tmp_path):
 
 
 def test_generate_random_then_score_the_archs_file(tiny_imagefolder, tmp_path):
-    s = run(tiny_imagefolder, tmp_path, "--generate_random", "--samples", "9")
+    archs_file = ("--save_file", str(tmp_path / "archs.csv"))
+    s = run(tiny_imagefolder, tmp_path, "--generate_random", "--samples", "9", *archs_file)
     archs = pd.read_csv(s["save_file"])
     assert len(archs) == 9 and {"convs", "params", "macs"} <= set(archs.columns)
     lo, hi = budget_window(GOAL, 0.3)
     assert archs["params"].between(lo, hi).all()
     with pytest.raises(UserError, match="--overwrite"):
-        run(tiny_imagefolder, tmp_path, "--generate_random")
-    scored = pd.read_csv(run(tiny_imagefolder, tmp_path, "--samples", "5")["results"])
+        run(tiny_imagefolder, tmp_path, "--generate_random", *archs_file)
+    scored = pd.read_csv(run(tiny_imagefolder, tmp_path, "--samples", "5", *archs_file)["results"])
     assert list(scored["convs"]) == list(archs["convs"][:5])
 
 

@@ -1,0 +1,283 @@
+"""The search never does something silently wrong: it says where its candidates come from,
+never overwrites another search's genotype files, refuses another data set or a second live
+run on resume, and ends bad input with one line, exit status 2 and nothing written."""
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+import count_ops
+import fisher_rank
+from funcs import load_genotype, run_cli
+from models import UserError
+from test_fisher_rank_cli import GOAL, argv, cached_cost_tables  # noqa: F401 (autouse fixture)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OTHER_NET = ["Conv"] * 18                  # a WRN-40-2 genotype: not for WRN-10-1
+OUT_OF_BUDGET = ["Conv"] * 3               # WRN-10-1, 77,850 params: outside 20,000 +-30%
+
+
+def run(data, out, *extra):
+    return fisher_rank.main(fisher_rank.get_args_parser().parse_args(argv(data, out, *extra)))
+
+
+def snapshot(root):
+    """{relative path: bytes} of every file under root."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = fh.read()
+    return out
+
+
+def write_archs(path, genotypes):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pd.DataFrame({"convs": [repr(g) for g in genotypes]}).to_csv(path)
+    return str(path)
+
+
+def assert_one_error_line(capsys, call, tmp_path, match):
+    before = snapshot(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        call()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert match in err[0]
+    assert snapshot(tmp_path) == before            # nothing created or changed
+
+
+@pytest.fixture(scope="module")
+def searched(tiny_imagefolder, tmp_path_factory):
+    """One finished search of 3 candidates (top 2 kept), copied by the tests that resume it."""
+    out = tmp_path_factory.mktemp("searched")
+    return out, run(tiny_imagefolder, out, "--samples", "3", "--top_n", "2", "--no-plot")
+
+
+def copy_of(searched, tmp_path):
+    out, summary = searched
+    for d in ("results", "genotypes"):
+        shutil.copytree(out / d, tmp_path / d)
+    return summary
+
+
+# --- bad input: one line, exit 2, nothing written --------------------------------------------
+
+def _deny_writes_under(monkeypatch, folder):
+    real = os.access
+
+    def access(path, mode, *a, **k):
+        if mode & os.W_OK and os.path.abspath(path).startswith(str(folder)):
+            return False
+        return real(path, mode, *a, **k)
+    monkeypatch.setattr(os, "access", access)
+
+
+BAD_SEARCHES = {   # name: (setup(tmp_path, monkeypatch) -> extra argv, text of the error)
+    "tol -1": (lambda t, m: ["--tol", "-1"], "--tol must lie strictly between 0 and 1"),
+    "tol 5": (lambda t, m: ["--tol", "5"], "--tol must lie strictly between 0 and 1"),
+    "tol 0": (lambda t, m: ["--tol", "0"], "--tol must lie strictly between 0 and 1"),
+    "blocks comma": (lambda t, m: ["--blocks", ","], "names no block type"),
+    "empty archs": (lambda t, m: ["--save_file", str((t / "a.csv").write_text("") or t / "a.csv")],
+                    "is empty"),
+    "header-only archs": (lambda t, m: ["--save_file", write_archs(t / "a.csv", [])],
+                          "has no rows"),
+    "archs is a folder": (lambda t, m: ["--save_file", str(t)], "is a directory"),
+    "archs missing": (lambda t, m: ["--save_file", str(t / "nope.csv")], "not found"),
+    "archs out of budget": (lambda t, m: ["--save_file", write_archs(
+        t / "a.csv", [OUT_OF_BUDGET] * 4)], "0 of its 4 rows meet this budget"),
+    "archs of another network": (lambda t, m: ["--save_file", write_archs(
+        t / "a.csv", [OTHER_NET])], "does not fit this search"),
+    "read-only results": (lambda t, m: _deny_writes_under(m, t / "results"),
+                          "--results_dir"),
+    "read-only genotypes": (lambda t, m: _deny_writes_under(m, t / "genotypes"),
+                            "--genotype_dir"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SEARCHES))
+def test_bad_search_input_is_one_line(case, tiny_imagefolder, tmp_path, monkeypatch, capsys):
+    setup, match = BAD_SEARCHES[case]
+    (tmp_path / "results").mkdir()
+    (tmp_path / "genotypes").mkdir()
+    extra = setup(tmp_path, monkeypatch) or []
+    a = argv(tiny_imagefolder, tmp_path, "--samples", "2", *extra)
+    assert_one_error_line(capsys, lambda: run_cli(fisher_rank.main,
+                                                  fisher_rank.get_args_parser(), a),
+                          tmp_path, match)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_results_folder_by_mode(tiny_imagefolder, tmp_path, capsys):
+    (tmp_path / "results").mkdir(mode=0o555)
+    a = argv(tiny_imagefolder, tmp_path, "--samples", "2")
+    assert_one_error_line(capsys, lambda: run_cli(fisher_rank.main,
+                                                  fisher_rank.get_args_parser(), a),
+                          tmp_path, "not writable")
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--num_classes", "0"], "--num_classes must be at least 1, got 0"),
+    (["--num_classes", "-3"], "--num_classes must be at least 1, got -3"),
+    (["--wrn_width", "0"], "--wrn_width must be at least 1, got 0"),
+])
+def test_bad_count_ops_input_is_one_line(flags, match, tmp_path, capsys):
+    assert_one_error_line(capsys, lambda: run_cli(count_ops.main, count_ops.get_args_parser(),
+                                                  ["--wrn_depth", "10", *flags]),
+                          tmp_path, match)
+
+
+def test_count_ops_accepts_module(tmp_path):
+    from models.blocks import BLOCK_TYPES
+    name = "TestCountOpsUserConv"
+    (tmp_path / "blk.py").write_text(
+        "import torch.nn as nn\nfrom models.blocks import register_block\n"
+        f"register_block('{name}', lambda i, o, s: nn.Conv2d(i, o, 1, s, 0, bias=False))\n")
+    try:
+        macs, params = count_ops.main(count_ops.get_args_parser().parse_args(
+            ["--module", str(tmp_path / "blk.py"), "--conv", name, "--wrn_depth", "10",
+             "--wrn_width", "1"]))
+        from count_ops import count_params
+        from models import WideResNet
+        assert params == count_params(WideResNet(10, 1, name))
+    finally:
+        BLOCK_TYPES.pop(name, None)
+
+
+def test_genotype_path_that_is_a_folder(tmp_path):
+    with pytest.raises(UserError, match="is a directory"):
+        load_genotype(str(tmp_path))
+
+
+@pytest.mark.parametrize("parser", [fisher_rank.get_args_parser, count_ops.get_args_parser])
+def test_help_shows_every_default(parser):
+    p = parser()
+    text = " ".join(p.format_help().split())
+    for a in p._actions:
+        if a.option_strings and a.default is not argparse.SUPPRESS:
+            assert f"(default: {a.default})" in text, a.option_strings
+
+
+# --- item 1: the candidate source is said, hashed, and a foreign file is skipped ---------------
+
+def test_candidate_source_is_printed(tiny_imagefolder, tmp_path, monkeypatch, capsys):
+    args = fisher_rank.resolve(fisher_rank.get_args_parser().parse_args(
+        argv(tiny_imagefolder, tmp_path, "--samples", "2")))
+    table = fisher_rank.cost_table(args, 10, fisher_rank.search_space(args))
+    _, source = fisher_rank.get_candidates(args, table)
+    assert source == "sampled" and \
+        "candidates: exact samples (--save_file none)" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)                    # the default archs file, relative to here
+    args.save_file = fisher_rank.DEFAULT_ARCHS
+    fisher_rank.get_candidates(args, table)
+    assert "exact samples (archs/master_arch.csv absent)" in capsys.readouterr().out
+    write_archs(tmp_path / "archs" / "master_arch.csv", [OTHER_NET])
+    _, source = fisher_rank.get_candidates(args, table)
+    assert source == "sampled" and "skipped, written for another network" in \
+        capsys.readouterr().out
+    fits = fisher_rank.sample_genotypes(table, 3, GOAL, None, 0.3, seed=5)
+    write_archs(tmp_path / "archs" / "master_arch.csv", [OUT_OF_BUDGET, *fits])
+    genotypes, source = fisher_rank.get_candidates(args, table)
+    data = (tmp_path / "archs" / "master_arch.csv").read_bytes()
+    assert genotypes == fits[:2] and source == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert "3 of its 4 rows meet this budget; scoring the first 2" in capsys.readouterr().out
+    args.samples = 4                               # more than the file has: said, then sampled
+    _, source = fisher_rank.get_candidates(args, table)
+    assert source == "sampled" and "fewer than --samples 4" in capsys.readouterr().out
+
+
+def test_settings_record_the_archs_hash_not_its_path(tiny_imagefolder, tmp_path):
+    a = write_archs(tmp_path / "a.csv", fisher_rank.sample_genotypes(
+        fisher_rank.cost_table(fisher_rank.resolve(fisher_rank.get_args_parser().parse_args(
+            argv(tiny_imagefolder, tmp_path))), 10, list(fisher_rank.SEARCH_SPACE)),
+        2, GOAL, None, 0.3, seed=3))
+    s = run(tiny_imagefolder, tmp_path, "--samples", "1", "--save_file", a, "--no-plot")
+    text = open(s["results"][:-4] + ".json").read()
+    digest = hashlib.sha256(open(a, "rb").read()).hexdigest()
+    assert json.loads(text)["candidates"] == f"sha256:{digest}" and str(tmp_path) not in text
+
+
+def test_sweep_names_its_candidate_source():
+    def searches(**env):
+        r = subprocess.run(["bash", "bash/blockswap.sh"], cwd=ROOT, capture_output=True,
+                           text=True, env={**os.environ, "DRY_RUN": "1", **env}, check=True)
+        return [line.split() for line in r.stdout.splitlines() if "fisher_rank.py" in line]
+    for quick in ("0", "1"):
+        assert all(c[c.index("--save_file") + 1] == "none" for c in searches(QUICK=quick))
+    assert all(c[c.index("--save_file") + 1] == "archs/master_arch.csv"
+               for c in searches(ARCHS="archs/master_arch.csv"))
+
+
+# --- item 4: genotype files --------------------------------------------------------------------
+
+def test_top_n_files_carry_their_rank_and_the_best_has_a_fixed_name(searched):
+    out, s = searched
+    df = pd.read_csv(s["results"]).sort_values("fisher", ascending=False)
+    for rank, index in enumerate(df["index"][:2], 1):
+        g = pd.read_csv(out / "genotypes" / f"{GOAL}_{index}.csv")
+        assert g["rank"][0] == rank and g["index"][0] == index
+    assert s["best_file"] == str(out / "results" / f"fisher_at_{GOAL}_best.csv")
+    assert load_genotype(s["best_file"]) == s["best_genotype"]
+    assert s["best_index"] == df["index"].iloc[0]
+
+
+def test_another_search_never_overwrites_genotype_files(searched, tiny_imagefolder, tmp_path,
+                                                        capsys):
+    copy_of(searched, tmp_path)
+    a = argv(tiny_imagefolder, tmp_path, "--samples", "3", "--seed", "1",
+             "--results_dir", str(tmp_path / "other_results"))
+    assert_one_error_line(capsys, lambda: run_cli(fisher_rank.main,
+                                                  fisher_rank.get_args_parser(), a),
+                          tmp_path, "holds another search's genotype")
+
+
+# --- item 5: the data set is part of the settings ---------------------------------------------
+
+def test_resume_on_other_data_is_refused(searched, tiny_imagefolder, tmp_path):
+    copy_of(searched, tmp_path)
+    moved = shutil.copytree(tiny_imagefolder, tmp_path / "moved")
+    assert run(moved, tmp_path, "--samples", "3", "--top_n", "2", "--no-plot")["n_scored"] == 0
+    os.remove(sorted((tmp_path / "moved" / "train" / "cat").iterdir())[0])
+    with pytest.raises(UserError, match="data .*'images': 40.* then, .*'images': 39"):
+        run(moved, tmp_path, "--samples", "3", "--top_n", "2", "--no-plot")
+
+
+# --- item 6: one live search per results file ------------------------------------------------
+
+def test_a_live_lock_refuses_a_stale_one_is_taken_over(searched, tiny_imagefolder, tmp_path,
+                                                       capsys):
+    copy_of(searched, tmp_path)
+    lock = tmp_path / "results" / f"fisher_at_{GOAL}.lock"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock.write_text(f"{live.pid} {os.uname().nodename}\n")
+        a = argv(tiny_imagefolder, tmp_path, "--samples", "3", "--top_n", "2", "--no-plot")
+        assert_one_error_line(capsys, lambda: run_cli(fisher_rank.main,
+                                                      fisher_rank.get_args_parser(), a),
+                              tmp_path, f"another run (process {live.pid}) is writing")
+    finally:
+        live.kill()
+        live.wait()
+    s = run(tiny_imagefolder, tmp_path, "--samples", "3", "--top_n", "2", "--no-plot")
+    assert f"taking over the stale lock of process {live.pid}" in capsys.readouterr().out
+    assert s["n_scored"] == 0 and not lock.exists()
+
+
+# --- fewer --samples than stored: rank the first n, say so, no false "changed" ----------------
+
+def test_fewer_samples_than_stored_ranks_the_first(searched, tiny_imagefolder, tmp_path, capsys):
+    summary = copy_of(searched, tmp_path)
+    results = tmp_path / "results" / f"fisher_at_{GOAL}.csv"
+    before = results.read_bytes()
+    s = run(tiny_imagefolder, tmp_path, "--samples", "2", "--top_n", "2", "--no-plot")
+    assert "holds 3 candidates; ranking the first 2" in capsys.readouterr().out
+    assert s["n_scored"] == 0 and sorted(s["ranking"]) == [0, 1]
+    assert results.read_bytes() == before
+    assert [i for i in summary["ranking"] if i < 2] == s["ranking"]
