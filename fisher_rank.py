@@ -496,6 +496,8 @@ def search(args):
                         "candidates, or --generate_random to only write genotypes")
     check_writable(args.results_dir, "--results_dir")
     check_writable(args.genotype_dir, "--genotype_dir")
+    if args.best_file:
+        check_writable(os.path.dirname(args.best_file) or ".", "--best_file")
     rank, world, device = init_distributed(args)
     train_set, _, num_classes = get_datasets(args.dataset, args.data_loc, args.download)
     table = cost_table(args, num_classes, names)

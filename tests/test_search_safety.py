@@ -80,6 +80,12 @@ def _deny_writes_under(monkeypatch, folder):
     monkeypatch.setattr(os, "access", access)
 
 
+def _read_only_best_file(tmp_path, monkeypatch):
+    (tmp_path / "ro").mkdir()
+    _deny_writes_under(monkeypatch, tmp_path / "ro")
+    return ["--best_file", str(tmp_path / "ro" / "best.csv")]
+
+
 BAD_SEARCHES = {   # name: (setup(tmp_path, monkeypatch) -> extra argv, text of the error)
     "tol -1": (lambda t, m: ["--tol", "-1"], "--tol must lie strictly between 0 and 1"),
     "tol 5": (lambda t, m: ["--tol", "5"], "--tol must lie strictly between 0 and 1"),
@@ -99,6 +105,7 @@ BAD_SEARCHES = {   # name: (setup(tmp_path, monkeypatch) -> extra argv, text of 
                           "--results_dir"),
     "read-only genotypes": (lambda t, m: _deny_writes_under(m, t / "genotypes"),
                             "--genotype_dir"),
+    "read-only best_file folder": (lambda t, m: _read_only_best_file(t, m), "--best_file"),
 }
 
 
