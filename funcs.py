@@ -133,21 +133,27 @@ def pid_lock(path: str, what: str):
     runs never write `what` at once. The lock of a process that died on this host (killed,
     crashed) is taken over with a message; a live one is a UserError."""
     host = socket.gethostname()
-    for attempt in range(2):
+    for attempt in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             break
         except FileExistsError:
-            with open(path) as f:
-                pid, _, owner = f.read().strip().partition(" ")
+            try:
+                with open(path) as f:
+                    pid, _, owner = f.read().strip().partition(" ")
+            except FileNotFoundError:   # released meanwhile: try again
+                continue
             # a torn lock (no pid) or a dead process of this host: stale
             stale = not pid.isdigit() or (owner == host and not _pid_alive(int(pid)))
-            if attempt or not stale:
+            if attempt == 2 or not stale:
                 where = "" if owner == host else f" on {owner}"
                 raise UserError(f"another run (process {pid or '?'}{where}) is writing {what}: "
                                 f"wait for it to finish, or remove {path} if it is gone") from None
             print(f"{path}: taking over the stale lock of process {pid or '?'} (not running)")
-            os.remove(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+    else:
+        raise UserError(f"{path}: could not take the lock for {what}; try again")
     with os.fdopen(fd, "w") as f:
         f.write(f"{os.getpid()} {host}\n")
     try:

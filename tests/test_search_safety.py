@@ -288,3 +288,18 @@ def test_fewer_samples_than_stored_ranks_the_first(searched, tiny_imagefolder, t
     assert s["n_scored"] == 0 and sorted(s["ranking"]) == [0, 1]
     assert results.read_bytes() == before
     assert [i for i in summary["ranking"] if i < 2] == s["ranking"]
+
+
+def test_lock_is_released_and_a_torn_lock_is_stale(tmp_path, capsys):
+    from funcs import pid_lock
+    lock = tmp_path / "x.lock"
+    with pid_lock(str(lock), "x"):
+        assert lock.read_text().split()[0] == str(os.getpid())
+        with pytest.raises(UserError, match=f"process {os.getpid()}"):
+            with pid_lock(str(lock), "x"):
+                pass
+    assert not lock.exists()
+    lock.write_text("")                             # killed between create and write
+    with pid_lock(str(lock), "x"):
+        assert "taking over the stale lock" in capsys.readouterr().out
+    assert not lock.exists()
