@@ -33,6 +33,8 @@ from funcs import (NUM_CLASSES, atomic_write, budget_window, count_genotypes,
                    run_cli, sample_genotypes, save_genotype)
 from models import (BLOCK_TYPES, SEARCH_SPACE, ResNet, UserError, WideResNet,
                     load_block_module)
+from loaders import Augment, TensorImages, add_loader_args, augmented_batches, choose_loader, \
+    tensor_images
 from models.resnet import LAYERS
 
 try:
@@ -73,6 +75,7 @@ def get_args_parser():
                    help="scoring function (proxies.py); higher is better")
     p.add_argument("--top_n", default=1, type=int, help="genotype files kept for the best n")
     p.add_argument("--workers", default=0, type=int, help="data loading processes")
+    add_loader_args(p)
     p.add_argument("--device", default="auto",
                    help="cpu, cuda, cuda:1 or mps (auto: cuda, else mps, else cpu)")
     p.add_argument("--module", default=None, help="Python file that registers block types")
@@ -186,11 +189,24 @@ def get_candidates(args, table):
 # Minibatches and scoring
 # --------------------------------------------------------------------------------------------
 
+def training_images(args, train_set, device):
+    """The search's training images: decoded once onto `device` (the tensor loader, see
+    loaders.py) or, on the PIL path, `train_set` itself."""
+    if choose_loader(args.loader, args.dataset, [train_set]) == "pil":
+        return train_set
+    return tensor_images(train_set, args.workers, args.cache_dir).to(device)
+
+
 def load_batches(train_set, args, key: int, device):
     """`--minibatches` batches of `--batch_size` training images chosen and augmented by the
-    seed `key` alone, so every process and every resumed run sees the same pixels."""
+    seed `key` alone, so every process and every resumed run sees the same pixels.
+    train_set: a TensorImages (augmented on its device) or a dataset of PIL transforms."""
     g = torch.Generator().manual_seed(key)
     idx = torch.randperm(len(train_set), generator=g)[:args.batch_size * args.minibatches]
+    if isinstance(train_set, TensorImages):
+        batches = augmented_batches(train_set, idx, args.batch_size,
+                                    Augment.for_dataset(args.dataset), g)
+        return [(x.to(device), y.to(device)) for x, y in batches]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_set, idx.tolist()),
                                          batch_size=args.batch_size,
                                          num_workers=args.workers, generator=g)
@@ -384,6 +400,7 @@ def search(args):
                         "candidates, or --generate_random to only write genotypes")
     rank, world, device = init_distributed(args)
     train_set, _, num_classes = get_datasets(args.dataset, args.data_loc, args.download)
+    train_set = training_images(args, train_set, device)
     table = cost_table(args, num_classes, names)
     genotypes, source = get_candidates(args, table)
     score_col = args.proxy
@@ -392,7 +409,8 @@ def search(args):
     settings = {k: getattr(args, k) for k in (
         "dataset", "arch", "param_goal", "mac_goal", "tol", "seed", "batch_size",
         "minibatches", "resample_batch", "proxy")}
-    settings.update(num_classes=num_classes, blocks=names, candidates=source)
+    settings.update(num_classes=num_classes, blocks=names, candidates=source,
+                    loader="tensor" if isinstance(train_set, TensorImages) else "pil")
     if args.arch == "wrn":
         settings.update(wrn_depth=args.wrn_depth, wrn_width=args.wrn_width)
     if rank == 0:
