@@ -31,10 +31,10 @@ from count_ops import CostTable
 from funcs import (NUM_CLASSES, atomic_write, budget_window, count_genotypes,
                    distributed_teardown, fisher_scores, get_datasets, parse_convs, pick_device,
                    run_cli, sample_genotypes, save_genotype)
+from loaders import (Augment, TensorImages, add_loader_args, augmented_batches, choose_loader,
+                     tensor_images)
 from models import (BLOCK_TYPES, SEARCH_SPACE, ResNet, UserError, WideResNet,
                     load_block_module)
-from loaders import Augment, TensorImages, add_loader_args, augmented_batches, choose_loader, \
-    tensor_images
 from models.resnet import LAYERS
 
 try:

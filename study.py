@@ -123,7 +123,8 @@ def read_done(path, columns):
 def check_settings(folder, args):
     """A resumed study must use the settings it started with (settings.json beside it)."""
     os.makedirs(folder, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("workers", "device", "out", "cache_dir")}
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("workers", "device", "out", "cache_dir")}
     fisher_rank.check_settings(os.path.join(folder, "settings.json"), settings)
 
 
