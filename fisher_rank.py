@@ -39,6 +39,8 @@ from funcs import (NUM_CLASSES, atomic_write, budget_window, check_writable, cou
                    dataset_identity, distributed_teardown, fisher_scores, get_datasets,
                    load_genotype, parse_convs, pick_device, pid_lock, run_cli, sample_genotypes,
                    save_genotype)
+from loaders import (Augment, TensorImages, add_loader_args, augmented_batches, choose_loader,
+                     tensor_images)
 from models import (BLOCK_TYPES, SEARCH_SPACE, ResNet, UserError, WideResNet,
                     load_block_module)
 from models.resnet import LAYERS
@@ -84,6 +86,7 @@ def get_args_parser():
                    help="scoring function (proxies.py); higher is better")
     p.add_argument("--top_n", default=1, type=int, help="genotype files kept for the best n")
     p.add_argument("--workers", default=0, type=int, help="data loading processes")
+    add_loader_args(p)
     p.add_argument("--device", default="auto",
                    help="cpu, cuda, cuda:1 or mps (auto: cuda, else mps, else cpu)")
     p.add_argument("--module", default=None, help="Python file that registers block types")
@@ -250,11 +253,24 @@ def get_candidates(args, table):
 # Minibatches and scoring
 # --------------------------------------------------------------------------------------------
 
+def training_images(args, train_set, device):
+    """The search's training images: decoded once onto `device` (the tensor loader, see
+    loaders.py) or, on the PIL path, `train_set` itself."""
+    if choose_loader(args.loader, args.dataset, [train_set]) == "pil":
+        return train_set
+    return tensor_images(train_set, args.workers, args.cache_dir).to(device)
+
+
 def load_batches(train_set, args, key: int, device):
     """`--minibatches` batches of `--batch_size` training images chosen and augmented by the
-    seed `key` alone, so every process and every resumed run sees the same pixels."""
+    seed `key` alone, so every process and every resumed run sees the same pixels.
+    train_set: a TensorImages (augmented on its device) or a dataset of PIL transforms."""
     g = torch.Generator().manual_seed(key)
     idx = torch.randperm(len(train_set), generator=g)[:args.batch_size * args.minibatches]
+    if isinstance(train_set, TensorImages):
+        batches = augmented_batches(train_set, idx, args.batch_size,
+                                    Augment.for_dataset(args.dataset), g)
+        return [(x.to(device), y.to(device)) for x, y in batches]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_set, idx.tolist()),
                                          batch_size=args.batch_size,
                                          num_workers=args.workers, generator=g)
@@ -480,7 +496,8 @@ def search_settings(args, names, num_classes, source, train_set):
         "dataset", "arch", "param_goal", "mac_goal", "tol", "seed", "batch_size",
         "minibatches", "resample_batch", "proxy")}
     settings.update(num_classes=num_classes, blocks=names, candidates=source,
-                    data=dataset_identity(train_set))
+                    data=dataset_identity(train_set),
+                    loader=choose_loader(args.loader, args.dataset, [train_set]))
     if args.arch == "wrn":
         settings.update(wrn_depth=args.wrn_depth, wrn_width=args.wrn_width)
     return settings
@@ -504,6 +521,7 @@ def search(args):
     genotypes, source = get_candidates(args, table)
     out_path = os.path.join(args.results_dir, f"{args.proxy}_at_{goal_label(args)}.csv")
     settings = search_settings(args, names, num_classes, source, train_set)
+    train_set = training_images(args, train_set, device)
     if rank != 0:
         return run_search(args, genotypes, settings, table, num_classes, train_set, out_path,
                           rank, world, device)

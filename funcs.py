@@ -324,12 +324,18 @@ def dataset_identity(ds) -> dict:
     return {"images": len(ds), "sha256": h.hexdigest()}
 
 
+def subset_indices(size: int, n: Optional[int], seed: int = 0) -> Optional[List[int]]:
+    """The indices of subset(): the first n of a seeded permutation (None: all items)."""
+    if not n or n >= size:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(size, generator=g)[:n].tolist()
+
+
 def subset(ds, n: Optional[int], seed: int = 0):
     """A fixed random subset of n items (all when n is None or >= len)."""
-    if not n or n >= len(ds):
-        return ds
-    g = torch.Generator().manual_seed(seed)
-    return torch.utils.data.Subset(ds, torch.randperm(len(ds), generator=g)[:n].tolist())
+    idx = subset_indices(len(ds), n, seed)
+    return ds if idx is None else torch.utils.data.Subset(ds, idx)
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,7 +38,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 from funcs import (at_loss, atomic_write, distillation, distributed_teardown, get_datasets,
-                   get_no_params, load_genotype, pick_device, run_cli, subset)
+                   get_no_params, load_genotype, pick_device, run_cli, subset, subset_indices)
+from loaders import Augment, TensorLoader, add_loader_args, choose_loader, tensor_images
 from models import ResNet, UserError, WideResNet, get_block_type, load_block_module
 from models.resnet import LAYERS
 
@@ -46,7 +47,7 @@ from models.resnet import LAYERS
 # continued run follows the schedule it started with.
 RUN_KEYS = ("dataset", "mode", "lr", "momentum", "weight_decay", "epoch_step", "lr_decay_ratio",
             "cosine", "epochs", "batch_size", "seed", "cutout", "train_subset", "val_subset",
-            "alpha", "temperature", "beta", "teacher_checkpoint")
+            "alpha", "temperature", "beta", "teacher_checkpoint", "loader")
 LOG_FIELDS = ("epoch", "lr", "train_loss", "train_error", "val_loss", "val_error", "seconds")
 
 
@@ -66,6 +67,7 @@ def get_args_parser():
     p.add_argument("--val_subset", default=None, type=int, help="validate on N fixed random images")
     p.add_argument("--cutout", default=0, type=int, nargs="?", const=16,
                    help="Cutout square side in pixels (--cutout alone: 16, the paper's)")
+    add_loader_args(p)
     # checkpoints
     p.add_argument("--teacher_checkpoint", "-t", default="wrn_40_2_T",
                    help="teacher name: checkpoints/<name>.t7 is written (teacher) or read (student)")
@@ -283,6 +285,8 @@ def make_loaders(args, rt: Runtime):
                                                    args.download, args.cutout)
     if args.download and rt.world > 1 and rt.main:
         dist.barrier()
+    if choose_loader(args.loader, args.dataset, (train_set, val_set)) == "tensor":
+        return make_tensor_loaders(args, rt, train_set, val_set) + (num_classes,)
     train_set = SeededAugment(subset(train_set, args.train_subset, args.seed), args.seed)
     val_set = subset(val_set, args.val_subset, args.seed)
     val_part = Subset(val_set, range(rt.rank, len(val_set), rt.world))
@@ -296,7 +300,33 @@ def make_loaders(args, rt: Runtime):
     return train, val, num_classes
 
 
-def set_epoch(loader: DataLoader, epoch: int) -> None:
+def make_tensor_loaders(args, rt: Runtime, train_set, val_set):
+    """make_loaders' (train, val) on the tensor path: the splits decoded once (rank 0 first, the
+    others then read its cache), on the device; the same subsets, order and shares."""
+    first = rt.world > 1 and dist.is_initialized()
+    if first and not rt.main:
+        dist.barrier()
+    train_data, val_data = (tensor_images(s, args.workers, args.cache_dir)
+                            for s in (train_set, val_set))
+    if first and rt.main:
+        dist.barrier()
+    train_data = train_data.subset(subset_indices(len(train_data), args.train_subset, args.seed))
+    val_data = val_data.subset(subset_indices(len(val_data), args.val_subset, args.seed))
+    sampler = DistributedSampler(range(len(train_data)), num_replicas=rt.world, rank=rt.rank,
+                                 shuffle=True, seed=args.seed)
+    per_rank = args.batch_size // rt.world
+    train = TensorLoader(train_data.to(rt.device), per_rank, sampler,
+                         Augment.for_dataset(args.dataset, args.cutout), args.seed)
+    val = TensorLoader(val_data.to(rt.device), per_rank, range(rt.rank, len(val_data), rt.world),
+                       Augment.for_dataset(args.dataset, train=False))
+    return train, val
+
+
+def set_epoch(loader, epoch: int) -> None:
+    """Reseed the shuffle and the augmentation of a train loader (DataLoader or TensorLoader)."""
+    if isinstance(loader, TensorLoader):
+        loader.set_epoch(epoch)
+        return
     loader.sampler.set_epoch(epoch)
     loader.dataset.set_epoch(epoch)
 

@@ -25,7 +25,8 @@ from tqdm import tqdm
 import fisher_rank
 import main as trainer
 from count_ops import CostTable
-from funcs import get_datasets, run_cli, sample_genotypes, save_genotype, subset
+from funcs import get_datasets, run_cli, sample_genotypes, save_genotype, subset, subset_indices
+from loaders import Augment, add_loader_args, augmented_batches, choose_loader, tensor_images
 from models import SEARCH_SPACE, UserError, WideResNet
 from proxies import PROXIES, get_proxy, spearman
 
@@ -47,6 +48,7 @@ def get_args_parser():
     p.add_argument("--train_subset", default=5000, type=int)
     p.add_argument("--val_subset", default=2000, type=int)
     p.add_argument("--workers", default=0, type=int)
+    add_loader_args(p)
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="output folder (default results/study_<goal>)")
@@ -63,6 +65,14 @@ def out_dir(args) -> str:
 def fixed_minibatch(args, device):
     """One seeded training minibatch: every candidate and proxy sees the same images."""
     train_set, _, num_classes = get_datasets(args.dataset, args.data_loc)
+    if choose_loader(args.loader, args.dataset, [train_set]) == "tensor":
+        data = tensor_images(train_set, args.workers, args.cache_dir)
+        data = data.subset(subset_indices(len(data), args.train_subset, args.seed)).to(device)
+        g = torch.Generator().manual_seed(args.seed)
+        idx = torch.randperm(len(data), generator=g)[:args.batch_size]
+        (x, y), = augmented_batches(data, idx, args.batch_size,
+                                    Augment.for_dataset(args.dataset), g)
+        return x, y, num_classes
     g = torch.Generator().manual_seed(args.seed)
     loader = torch.utils.data.DataLoader(subset(train_set, args.train_subset, args.seed),
                                          batch_size=args.batch_size, shuffle=True, generator=g)
@@ -93,7 +103,8 @@ def train(args, genotype, index, folder) -> float:
             "--epochs", str(args.epochs), "--lr", str(args.lr), "--cosine",
             "--batch_size", str(args.batch_size), "--train_subset", str(args.train_subset),
             "--val_subset", str(args.val_subset), "--workers", str(args.workers),
-            "--seed", str(args.seed + index), "--device", args.device, "--overwrite"]
+            "--seed", str(args.seed + index), "--device", args.device, "--overwrite",
+            "--loader", args.loader] + (["--cache_dir", args.cache_dir] if args.cache_dir else [])
     trainer.main(trainer.get_args_parser().parse_args(argv))
     ckpt = trainer.load_checkpoint(os.path.join(folder, "checkpoints", name + ".t7"))
     return float(ckpt["val_errors"][-1])
@@ -112,7 +123,8 @@ def read_done(path, columns):
 def check_settings(folder, args):
     """A resumed study must use the settings it started with (settings.json beside it)."""
     os.makedirs(folder, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("workers", "device", "out")}
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("workers", "device", "out", "cache_dir")}
     fisher_rank.check_settings(os.path.join(folder, "settings.json"), settings)
 
 

@@ -50,6 +50,16 @@ def write_cifar10_batches(root, n_train=20, n_test=10):
     return str(root)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cache_home(tmp_path_factory):
+    """Decoded-data caches (loaders.py) go to a temporary $XDG_CACHE_HOME, also for the
+    subprocesses the tests start, never to the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("xdg_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def tiny_imagefolder(tmp_path_factory):
     """train/<class>/*.png (40 images) and test/<class>/*.png (20 images)."""

@@ -71,6 +71,7 @@ def test_search_writes_results_and_best_genotype(tiny_imagefolder, full):
         argv(tiny_imagefolder, out)))
     from funcs import get_datasets
     train, _, _ = get_datasets("cifar10", tiny_imagefolder)
+    train = fisher_rank.training_images(args, train, torch.device("cpu"))   # as the search
     (x, y), = fisher_rank.load_batches(train, args, args.seed, torch.device("cpu"))
     i = int(best["index"])
     net = fisher_rank.make_candidate(args, s["best_genotype"], 10,

@@ -166,9 +166,10 @@ def test_seeded_augment_depends_only_on_seed_epoch_index(tiny_imagefolder):
     assert not torch.equal(ds[7][0], a)                # a new draw each epoch
 
 
-def test_resume_after_kill_equals_uninterrupted(tiny_imagefolder, tmp_path, monkeypatch):
+@pytest.mark.parametrize("loader", ["tensor", "pil"])
+def test_resume_after_kill_equals_uninterrupted(loader, tiny_imagefolder, tmp_path, monkeypatch):
     common = ("cifar10", "teacher", "--epochs", "2", "--epoch_step", "[1]", "--cutout",
-              "--seed", "7")
+              "--seed", "7", "--loader", loader)
     straight = run(tiny_imagefolder, tmp_path / "a", *common, "-t", "x")
 
     real, calls = M.train_one_epoch, []
