@@ -287,7 +287,8 @@ def dkd_loss(student_logits, teacher_logits, targets, alpha: float = 1.0, beta: 
     tckd = F.kl_div(split(student_logits), split(teacher_logits), reduction="batchmean",
                     log_target=True)
     # the non-target classes, target column removed: (n, c - 1)
-    others_s, others_t = (z[~is_target].view(n, c - 1) / T for z in (student_logits, teacher_logits))
+    others_s, others_t = (z[~is_target].view(n, c - 1) / T
+                          for z in (student_logits, teacher_logits))
     nckd = F.kl_div(F.log_softmax(others_s, 1), F.log_softmax(others_t, 1),
                     reduction="batchmean", log_target=True)
     return (alpha * tckd + beta * nckd) * (T * T)

@@ -28,8 +28,8 @@ import csv
 import json
 import os
 import time
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
@@ -562,7 +562,8 @@ def fit(model, train_loader, val_loader, optimizer, scheduler, scaler, rt, loss_
         lr = optimizer.param_groups[0]["lr"]
         set_epoch(train_loader, epoch)
         train_loss, train_err = train_one_epoch(model, train_loader, optimizer, scaler, rt,
-                                                partial(loss_fn, epoch=epoch), f"epoch {epoch + 1}/{args.epochs}",
+                                                partial(loss_fn, epoch=epoch),   # DKD's warm-up
+                                                f"epoch {epoch + 1}/{args.epochs}",
                                                 args.print_freq)
         speed = len(train_loader.dataset) / (time.perf_counter() - t0)
         val_loss, val_err = validate(model, val_loader, rt)

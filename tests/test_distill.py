@@ -165,3 +165,62 @@ def test_student_resumes_exactly(method, tiny_imagefolder, teacher_dir, tmp_path
     assert all(torch.equal(v, b["net"][k]) for k, v in a["net"].items())
     assert a["train_losses"] == b["train_losses"] and a["val_errors"] == b["val_errors"]
     assert torch.equal(straight["model"].fc.weight, b["net"]["fc.weight"])
+
+
+def test_checkpoint_from_before_distill_resumes_as_at_kd(tiny_imagefolder, teacher_dir, tmp_path,
+                                                          monkeypatch):
+    """A checkpoint whose args have no `distill` (written before the flag) resumes with the loss
+    it was trained with, at+kd here (alpha 0.5), whatever --distill the resuming command says."""
+    flags = ["--alpha", "0.5", "--epochs", "2"]
+    straight = student(tiny_imagefolder, tmp_path / "a", teacher_dir, "s", *flags)
+    assert load(tmp_path / "a" / "s.t7")["args"]["distill"] == "at+kd"   # the default with alpha
+
+    student(tiny_imagefolder, tmp_path / "b", teacher_dir, "s", *flags[:2], "--epochs", "1")
+    path = tmp_path / "b" / "s.t7"
+    old = load(path)
+    added = {"distill", "dist_cifar", *(f for term in DISTILL_TERMS.values() for f in term.flags)}
+    old["args"] = {k: v for k, v in old["args"].items() if k not in added}
+    assert "distill" not in old["args"] and "dkd_beta" not in old["args"]
+    old["args"]["epochs"] = 2
+    torch.save(old, path)
+    student(tiny_imagefolder, tmp_path / "b", teacher_dir, "s", "--resume", "--distill", "dkd")
+    b = load(path)
+    assert b["args"]["distill"] == "at+kd" and b["args"]["alpha"] == 0.5 and b["epoch"] == 2
+    assert torch.equal(straight["model"].fc.weight, b["net"]["fc.weight"])
+
+
+BAD = {
+    "unknown": (["--distill", "at+crd"], "unknown method 'crd'"),
+    "twice": (["--distill", "dkd+dkd"], "names a method twice"),
+    "kd_without_alpha": (["--distill", "kd"], "give --alpha > 0"),
+    "alpha_without_kd": (["--distill", "dkd", "--alpha", "0.9"], "--distill dkd+kd"),
+    "dist_cifar_and_flag": (["--distill", "dist", "--dist_cifar", "--dist_gamma", "3"],
+                            "--dist_cifar sets --dist_gamma 2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_distill_is_one_line(case, tiny_imagefolder, teacher_dir, tmp_path, capsys):
+    (tmp_path / "t.t7").write_bytes((teacher_dir / "t.t7").read_bytes())
+    argv, message = BAD[case]
+    full = ["cifar10", "student", "-t", "t", "-s", "s", "--data_loc", tiny_imagefolder,
+            "--checkpoint_dir", str(tmp_path), "--workers", "0", *argv]
+    with pytest.raises(SystemExit) as e:
+        run_cli(M.main, M.get_args_parser(), full)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.t7"]
+
+
+def test_sweeps_pass_the_method_to_students_only():
+    from test_sweeps import dry_run
+    for script in ("bash/blockswap.sh", "bash/moonshine.sh"):
+        commands = [c for c in dry_run(script, DISTILL="at+dkd", BUDGETS="162000")
+                    if c[1] == "main.py"]
+        for argv in commands:
+            args = M.get_args_parser().parse_args(argv[2:])
+            student_run = args.mode == "student"
+            assert args.distill == ("at+dkd" if student_run else None), argv
+            assert args.student_checkpoint.endswith(".at+dkd") or not student_run
+        assert any(c[3] == "student" for c in commands)
