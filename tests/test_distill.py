@@ -224,3 +224,20 @@ def test_sweeps_pass_the_method_to_students_only():
             assert args.distill == ("at+dkd" if student_run else None), argv
             assert args.student_checkpoint.endswith(".at+dkd") or not student_run
         assert any(c[3] == "student" for c in commands)
+
+
+def test_student_loss_fn_passes_the_epoch_to_the_warmup():
+    """fit's epoch index e (from 0) reaches DKD as e + 1: the warm-up is 1/W in the first epoch."""
+    from models import WideResNet
+    torch.manual_seed(0)
+    teacher, model = WideResNet(10, 1).eval(), WideResNet(10, 1, convs="DConvG2").eval()
+    x, y = torch.randn(6, 3, 32, 32), Y
+    args = M.get_args_parser().parse_args(["cifar10", "student", "--distill", "dkd",
+                                           "--dkd_warmup", "4"])
+    loss_fn = M.make_student_loss_fn(teacher, args)
+    with torch.no_grad():
+        s, t = model(x)[0], teacher(x)[0]
+        ce, full = torch.nn.functional.cross_entropy(s, y).item(), dkd_loss(s, t, y, 1, 6, 4).item()
+        for epoch in range(6):
+            got = loss_fn(model, x, y, epoch=epoch)[0].item()
+            assert got == pytest.approx(ce + min((epoch + 1) / 4, 1) * full, rel=1e-5)
