@@ -5,8 +5,10 @@
     python main.py cifar10 student --moonshine --conv DConvG2 -t wrn_40_2 -s wrn_40_2.DConvG2 --cifar_loc=<path>
     torchrun --nproc_per_node 4 main.py cifar10 teacher ...    (DistributedDataParallel)
 
-A teacher is trained with cross-entropy. A student is trained with cross-entropy (or Hinton KD with
---alpha > 0) plus attention transfer between its group outputs and the frozen teacher's.
+A teacher is trained with cross-entropy. A student is trained with cross-entropy plus the --distill
+terms (funcs.DISTILL_TERMS: at, kd, dkd, dist or sums such as at+dkd); the default is the original
+recipe: cross-entropy (or Hinton KD with --alpha > 0) plus attention transfer between its group
+outputs and the frozen teacher's.
 
 Files (rank 0 writes them, after every epoch):
   checkpoints/<name>.t7        weights, optimizer/scheduler/scaler state, architecture, genotype,
@@ -27,6 +29,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
@@ -37,8 +40,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
-from funcs import (at_loss, atomic_write, distillation, distributed_teardown, get_datasets,
-                   get_no_params, load_genotype, pick_device, run_cli, subset, subset_indices)
+from funcs import (DIST_CIFAR, DISTILL_TERMS, at_loss, atomic_write, distill_loss,
+                   distributed_teardown, get_datasets, get_no_params, load_genotype, parse_distill,
+                   pick_device, run_cli, subset, subset_indices)
 from loaders import Augment, TensorLoader, add_loader_args, choose_loader, tensor_images
 from models import ResNet, UserError, WideResNet, get_block_type, load_block_module
 from models.resnet import LAYERS
@@ -48,6 +52,9 @@ from models.resnet import LAYERS
 RUN_KEYS = ("dataset", "mode", "lr", "momentum", "weight_decay", "epoch_step", "lr_decay_ratio",
             "cosine", "epochs", "batch_size", "seed", "cutout", "train_subset", "val_subset",
             "alpha", "temperature", "beta", "teacher_checkpoint", "loader")
+# ... and the student's distillation method with every term's hyper-parameters.
+RUN_KEYS += ("distill", "dist_cifar",
+             *(flag for term in DISTILL_TERMS.values() for flag in term.flags))
 LOG_FIELDS = ("epoch", "lr", "train_loss", "train_error", "val_loss", "val_error", "seconds")
 
 
@@ -99,6 +106,7 @@ def get_args_parser():
     p.add_argument("--alpha", default=0.0, type=float, help="KD weight (0: cross-entropy only)")
     p.add_argument("--temperature", default=4.0, type=float, help="KD temperature")
     p.add_argument("--beta", default=1e3, type=float, help="attention transfer weight")
+    add_distill_args(p)
     p.add_argument("--seed", default=0, type=int)
     # hardware
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best present)")
@@ -109,6 +117,20 @@ def get_args_parser():
     p.add_argument("--plot", default=True, action=argparse.BooleanOptionalAction,
                    help="draw <name>.png (error, loss, lr curves) beside the log every epoch")
     return p
+
+
+def add_distill_args(p):
+    """--distill and the hyper-parameters of every term in funcs.DISTILL_TERMS."""
+    methods = "; ".join(f"{k}: {v.about}" for k, v in DISTILL_TERMS.items())
+    p.add_argument("--distill", default=None,
+                   help=f"student loss: cross-entropy + these terms, joined by '+' ({methods}); "
+                        "default at, or at+kd when --alpha > 0")
+    for term in DISTILL_TERMS.values():
+        for flag, (kind, default, about) in term.flags.items():
+            p.add_argument(f"--{flag}", default=default, type=kind, help=about)
+    p.add_argument("--dist_cifar", action="store_true",
+                   help="DIST's CIFAR setting: " + " ".join(
+                       f"--{k} {v:g}" for k, v in DIST_CIFAR.items()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,28 +358,48 @@ def set_epoch(loader, epoch: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 def student_loss(logits, acts, t_logits, t_acts, targets, alpha, temperature, beta):
-    """KD (cross-entropy when alpha=0) + beta' * sum of at_loss over group pairs, with
-    beta' = beta * 3 / pairs: the original's weighting, tuned for the three WRN groups."""
-    loss = distillation(logits.float(), t_logits.float(), targets, temperature, alpha)
-    scaled_beta = beta * 3 / len(acts)
-    for s, t in zip(acts, t_acts):
-        loss = loss + scaled_beta * at_loss(s.float(), t.float())   # fp32: x^2 can overflow fp16
-    return loss
+    """The original loss, KD (cross-entropy when alpha=0) + beta' * sum of at_loss over group
+    pairs (beta' = beta * 3 / pairs): funcs.distill_loss with at, +kd when alpha > 0."""
+    hp = argparse.Namespace(alpha=alpha, temperature=temperature, beta=beta)
+    return distill_loss(["at", "kd"] if alpha > 0 else ["at"], (logits, acts),
+                        (t_logits, t_acts), targets, hp)
 
 
-def teacher_loss_fn(model, inputs, targets):
+def teacher_loss_fn(model, inputs, targets, epoch=0):
     logits, _ = model(inputs)
     return F.cross_entropy(logits.float(), targets), logits
 
 
-def make_student_loss_fn(teacher, alpha, temperature, beta):
-    def loss_fn(model, inputs, targets):
+def make_student_loss_fn(teacher, args):
+    """Cross-entropy + the --distill terms; `epoch` counts from 0 (fit's loop index)."""
+    names = parse_distill(args.distill)
+
+    def loss_fn(model, inputs, targets, epoch=0):
         with torch.no_grad():
-            t_logits, t_acts = teacher(inputs)
-        logits, acts = model(inputs)
-        return student_loss(logits, acts, t_logits, t_acts, targets, alpha, temperature,
-                            beta), logits
+            t_out = teacher(inputs)
+        out = model(inputs)
+        return distill_loss(names, out, t_out, targets, args, epoch + 1), out[0]
     return loss_fn
+
+
+def resolve_distill(args, saved: Optional[dict]) -> None:
+    """Settle --distill before anything is written. A checkpoint from before --distill resumes
+    with the loss it was trained with: at, +kd when its alpha > 0."""
+    if saved is not None and "distill" not in saved:
+        args.distill = None
+    if args.distill is None:
+        args.distill = "at+kd" if args.alpha > 0 else "at"
+    names = parse_distill(args.distill)
+    if ("kd" in names) != (args.alpha > 0):
+        raise UserError(f"--alpha is the weight of kd: with --distill {args.distill} give "
+                        + ("--alpha > 0 (e.g. 0.9)" if "kd" in names else
+                           f"--alpha 0, or add kd (--distill {args.distill}+kd)"))
+    if args.dist_cifar:
+        for key, value in DIST_CIFAR.items():
+            default = DISTILL_TERMS["dist"].flags[key][1]
+            if getattr(args, key) not in (default, value):
+                raise UserError(f"--dist_cifar sets --{key} {value:g}: drop one of them")
+            setattr(args, key, value)
 
 
 def all_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
@@ -550,7 +592,8 @@ def fit(model, train_loader, val_loader, optimizer, scheduler, scaler, rt, loss_
         lr = optimizer.param_groups[0]["lr"]
         set_epoch(train_loader, epoch)
         train_loss, train_err = train_one_epoch(model, train_loader, optimizer, scaler, rt,
-                                                loss_fn, f"epoch {epoch + 1}/{args.epochs}",
+                                                partial(loss_fn, epoch=epoch),   # DKD's warm-up
+                                                f"epoch {epoch + 1}/{args.epochs}",
                                                 args.print_freq)
         speed = len(train_loader.dataset) / (time.perf_counter() - t0)
         val_loss, val_err = validate(model, val_loader, rt)
@@ -594,6 +637,8 @@ def train(args, rt: Runtime):
     paths = (os.path.join(args.checkpoint_dir, name + ".t7"),
              os.path.join(args.checkpoint_dir, name + ".log.csv"))
     ckpt = start_or_resume(args, paths[0], rt)
+    if args.mode == "student":
+        resolve_distill(args, ckpt.get("args", {}) if ckpt else None)
     train_loader, val_loader, num_classes = make_loaders(args, rt)
     teacher = load_teacher(args, num_classes) if args.mode == "student" else None
 
@@ -623,7 +668,7 @@ def train(args, rt: Runtime):
         teacher.to(rt.device, memory_format=fmt)
         rt.print(f"teacher {args.teacher_checkpoint}: {describe(teacher)}, "
                  f"val error {validate(teacher, val_loader, rt)[1]:.2f}%")
-        loss_fn = make_student_loss_fn(teacher, args.alpha, args.temperature, args.beta)
+        loss_fn = make_student_loss_fn(teacher, args)
     else:
         loss_fn = teacher_loss_fn
     if rt.main:

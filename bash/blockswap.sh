@@ -18,6 +18,7 @@ TEACHER=${TEACHER:-wrn_40_2_1}            # checkpoints/$TEACHER.t7 (WRN-40-2)
 BUDGETS=${BUDGETS:-"162000 217000 289000 404000 556000 811000"}   # the paper's students
 SAMPLES=${SAMPLES:-1000}                  # candidates ranked per budget
 EPOCHS=${EPOCHS:-200}
+DISTILL=${DISTILL:-}                      # student loss: at, kd, dkd, dist, at+dkd...; empty: at
 EXTRA=${EXTRA:-}                          # more main.py flags, e.g. "--cosine --cutout"
 SEARCH_EXTRA=${SEARCH_EXTRA:-}            # more fisher_rank.py flags, e.g. "--seed 1"
 ARCHS=${ARCHS:-none}                      # candidates: none = exact samples, or an archs file
@@ -47,7 +48,7 @@ fi
 
 for goal in $BUDGETS; do
   best="$GENOTYPES/blockswap_$goal.csv"
-  student="wrn_40_2_bs$goal"
+  student="wrn_40_2_bs$goal${DISTILL:+.$DISTILL}"   # one checkpoint per method
   # shellcheck disable=SC2086
   say python fisher_rank.py "$DATASET" --data_loc="$DATA" --param_goal "$goal" \
     --samples "$SAMPLES" --results_dir "$OUT" --genotype_dir "$GENOTYPES" --best_file "$best" \
@@ -56,7 +57,7 @@ for goal in $BUDGETS; do
   # shellcheck disable=SC2086
   say python main.py "$DATASET" student -t "$TEACHER" -s "$student" --wrn_depth 40 --wrn_width 2 \
     --cifar_loc="$DATA" --from_genotype "$best" --epochs "$EPOCHS" \
-    --checkpoint_dir "$CHECKPOINTS" $EXTRA --GPU "$GPU"
+    --checkpoint_dir "$CHECKPOINTS" ${DISTILL:+--distill "$DISTILL"} $EXTRA --GPU "$GPU"
 done
 
 say python plots.py sweep "$CHECKPOINTS"

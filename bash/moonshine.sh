@@ -16,6 +16,7 @@ DATA=${DATA:-../shared/data/cifar10-jpeg}   # torchvision CIFAR folder or ImageF
 DATASET=${DATASET:-cifar10}
 GPUS=${GPUS:-0}                          # runs go round-robin over these, one per GPU at a time
 EPOCHS=${EPOCHS:-200}
+DISTILL=${DISTILL:-}                     # student loss: at, kd, dkd, dist, at+dkd...; empty: at
 TEACHERS=${TEACHERS:-"1 2 3"}
 CONVS=${CONVS:-"DConv DConvG2 DConvG4 DConvG8 DConvG16 DConvA2 DConvA4 DConvA8 DConvA16
   A2B2 A4B2 A8B2 A16B2 G2B2 G4B2 G8B2 G16B2 ConvB2 ConvB4 DConvB2 DConvB4"}
@@ -34,6 +35,8 @@ if [ "$QUICK" = 1 ]; then
   EXTRA="$EXTRA --train_subset 256 --val_subset 128 --batch_size 64 --device cpu --workers 0"
 fi
 COMMON="--cifar_loc=$DATA --epochs $EPOCHS --checkpoint_dir $CHECKPOINTS $EXTRA"
+STUDENT="${DISTILL:+--distill $DISTILL}"  # student runs only; their names end in .$DISTILL
+M=${DISTILL:+.$DISTILL}
 
 # --- runner: DRY_RUN prints; with several GPUs, runs go in parallel, one per GPU -----------
 read -r -a GPU_LIST <<< "$GPUS"
@@ -60,17 +63,17 @@ for t in $TEACHERS; do
     wait
   fi
   for conv in $CONVS; do
-    done_run "wrn_40_2_$t.$conv" && continue
+    done_run "wrn_40_2_$t.$conv$M" && continue
     # shellcheck disable=SC2086
     run "$(next_gpu)" $DATASET student --moonshine --conv "$conv" -t "wrn_40_2_$t" \
-      -s "wrn_40_2_$t.$conv" --wrn_depth 40 --wrn_width 2 $COMMON
+      -s "wrn_40_2_$t.$conv$M" --wrn_depth 40 --wrn_width 2 $COMMON $STUDENT
   done
   for shape in $SHAPES; do
-    done_run "wrn_${shape}_$t" && continue
+    done_run "wrn_${shape}_$t$M" && continue
     # shellcheck disable=SC2086
     run "$(next_gpu)" $DATASET student --moonshine --conv Conv -t "wrn_40_2_$t" \
-      -s "wrn_${shape}_$t" --wrn_depth 40 --wrn_width 2 --diff_shape \
-      --stu_depth "${shape%_*}" --stu_width "${shape#*_}" $COMMON
+      -s "wrn_${shape}_$t$M" --wrn_depth 40 --wrn_width 2 --diff_shape \
+      --stu_depth "${shape%_*}" --stu_width "${shape#*_}" $COMMON $STUDENT
   done
   wait
 done
