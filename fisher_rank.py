@@ -174,6 +174,8 @@ def with_latency(args, table, num_classes, names):
     The latency table is cached under <results_dir>/latency/ (measured on first use)."""
     if args.latency_goal is None:
         return table
+    if not args.latency_goal > 0:   # before minutes of measuring
+        raise UserError(f"--latency_goal must be a positive number of ms, got {args.latency_goal}")
     for name in ("latency_batch", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")

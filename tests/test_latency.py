@@ -139,6 +139,9 @@ def test_search_with_latency_goal_and_resume(tiny_imagefolder, tmp_path, table_a
     assert list(df.columns) == ["index", "convs", "params", "macs", "latency_ms", "fisher"]
     assert f"lat{goal:g}ms" in s["results"] and len(df) == 4
     check_rows(df, table, goal)
+    from plots import plot_search          # the search plot has a latency panel
+    png = plot_search(s["results"], str(tmp_path / "search.png"), latency_goal=goal)
+    assert os.path.getsize(png) > 0
     text = open(s["results"]).read()
     with open(s["results"], "w") as f:          # killed after two candidates
         f.write("".join(text.splitlines(keepends=True)[:3]))
