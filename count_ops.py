@@ -128,6 +128,8 @@ class CostTable:
     cost(genotype) = base + sum over positions. Built from single blocks, so it is exact.
     """
 
+    latency = None   # fisher_rank sets a latency.QuantisedLatency on a copy for a latency goal
+
     def __init__(self, slots: List[BlockSlot], base_net: nn.Module, image_size: int,
                  names: Sequence[str] = SEARCH_SPACE):
         self.names = list(names)
@@ -197,6 +199,14 @@ def get_args_parser():
     p.add_argument("--num_classes", default=None, type=int,
                    help="classifier outputs (None: 10 for wrn, 1000 for resnets)")
     p.add_argument("--module", default=None, help="Python file that registers block types")
+    p.add_argument("--latency", action="store_true",
+                   help="also the table's predicted and the measured inference latency")
+    p.add_argument("--latency_device", default="cpu", help="device the latency is measured on")
+    p.add_argument("--latency_batch", default=1, type=int, help="batch size the latency is for")
+    p.add_argument("--threads", default=None, type=int, help="torch threads (default: torch's)")
+    p.add_argument("--latency_clock", default="wall", choices=["wall", "cpu"],
+                   help="time latency by the wall, or by CPU time (steadier on a shared CPU)")
+    p.add_argument("--latency_dir", default="results/latency", help="latency table cache")
     return p
 
 
@@ -219,6 +229,9 @@ def main(args):
     macs, params = measure_model(net, size, size)
     print(f"params {params:,}  MACs {macs:,} (conv+linear; {paper_macs(net, size, size):,} "
           f"as the paper counts)  blocks {len(residual_blocks(net))}")
+    if args.latency:
+        from latency import print_latency   # latency imports this module
+        print_latency(args, net)
     return macs, params
 
 

@@ -18,6 +18,7 @@ Candidates: the rows of the archs file (--save_file, default archs/master_arch.c
 budget, when it has at least --samples of them; else exact samples. Every search prints which.
 """
 import argparse
+import copy
 import csv
 import datetime
 import glob
@@ -43,6 +44,7 @@ from loaders import (Augment, TensorImages, add_loader_args, augmented_batches, 
                      tensor_images)
 from models import (BLOCK_TYPES, SEARCH_SPACE, ResNet, UserError, WideResNet,
                     load_block_module)
+from latency import load_or_measure, parse_table_device, resnet_family, wrn_family
 from models.resnet import LAYERS
 
 try:
@@ -74,6 +76,15 @@ def get_args_parser():
     p.add_argument("--param_goal", default=None, type=int,
                    help=f"parameter budget (scoring defaults to {DEFAULT_PARAM_GOAL:,})")
     p.add_argument("--mac_goal", default=None, type=int, help="MAC budget (may join params)")
+    p.add_argument("--latency_goal", default=None, type=float,
+                   help="predicted inference latency budget in ms (may join params/MACs)")
+    p.add_argument("--latency_device", default=None,
+                   help="device whose latency table prices candidates (default: --device)")
+    p.add_argument("--latency_batch", default=1, type=int, help="batch size the latency is for")
+    p.add_argument("--threads", default=None, type=int,
+                   help="torch threads while timing latency (default: torch's own count)")
+    p.add_argument("--latency_clock", default="wall", choices=["wall", "cpu"],
+                   help="time latency by the wall, or by CPU time (steadier on a shared CPU)")
     p.add_argument("--tol", default=0.025, type=float,
                    help="window half-width, a fraction between 0 and 1 (0.025: +-2.5%%)")
     p.add_argument("--samples", default=1000, type=int, help="candidates to score / generate")
@@ -118,7 +129,8 @@ def get_args_parser():
 def resolve(args):
     """Fill the defaults that depend on other arguments (in place); returns args."""
     args.arch = args.arch or ("resnet34" if args.dataset == "imagenet" else "wrn")
-    if not args.generate_random and args.param_goal is None and args.mac_goal is None:
+    if not args.generate_random and args.param_goal is None and args.mac_goal is None \
+            and args.latency_goal is None:
         args.param_goal = DEFAULT_PARAM_GOAL
     args.device = str(pick_device(None if args.device == "auto" else args.device))
     for name in ("samples", "batch_size", "minibatches", "top_n"):
@@ -159,7 +171,8 @@ def cost_table(args, num_classes, names) -> CostTable:
 def goal_label(args) -> str:
     """'800000', 'macs100000000' or '800000_macs100000000': names the results and genotypes."""
     parts = ([str(args.param_goal)] if args.param_goal is not None else []) + \
-            ([f"macs{args.mac_goal}"] if args.mac_goal is not None else [])
+            ([f"macs{args.mac_goal}"] if args.mac_goal is not None else []) + \
+            ([f"lat{args.latency_goal:g}ms"] if args.latency_goal is not None else [])
     return "_".join(parts)
 
 
@@ -170,6 +183,60 @@ def in_budget(args, params: np.ndarray, macs: np.ndarray) -> np.ndarray:
             lo, hi = budget_window(goal, args.tol)
             ok &= (value >= lo) & (value <= hi)
     return ok
+
+
+# --------------------------------------------------------------------------------------------
+# Latency goals (latency.py): a measured table, quantised for the exact sampler
+# --------------------------------------------------------------------------------------------
+
+def latency_family(args, num_classes):
+    if args.arch == "wrn":
+        return wrn_family(args.wrn_depth, args.wrn_width, num_classes)
+    return resnet_family(args.arch, num_classes)
+
+
+def with_latency(args, table, num_classes, names):
+    """`table`, or a copy carrying .latency (integer costs) when --latency_goal is given.
+    The latency table is cached under <results_dir>/latency/ (measured on first use)."""
+    if args.latency_goal is None:
+        return table
+    if not args.latency_goal > 0:   # before minutes of measuring
+        raise UserError(f"--latency_goal must be a positive number of ms, got {args.latency_goal}")
+    for name in ("latency_batch", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    device = parse_table_device(args.latency_device, args.device)
+    lat = load_or_measure(latency_family(args, num_classes), names, device,
+                          args.latency_batch, args.threads,
+                          cache_dir=os.path.join(args.results_dir, "latency"),
+                          clock=args.latency_clock)
+    table = copy.copy(table)   # the caller's table stays latency-free
+    table.latency = lat.quantise(args.latency_goal)
+    return table
+
+
+def in_latency_budget(args, table, codes: np.ndarray) -> np.ndarray:
+    """The latency window on the same quantised costs the sampler uses."""
+    if table.latency is None:
+        return np.ones(len(codes), bool)
+    return table.latency.in_window(codes, args.tol)
+
+
+def latency_row(table, genotype):
+    """{'latency_ms': predicted} for a results row ({} without a latency goal); with
+    genotype None, the column names."""
+    if table.latency is None:
+        return {}
+    if genotype is None:
+        return {"latency_ms": None}
+    return {"latency_ms": round(table.latency.table.predict(genotype), 5)}
+
+
+def latency_settings(table):
+    """What a resumed run must share: the latency table's identity (key and content hash)."""
+    if table.latency is None:
+        return {}
+    return {"latency_table": table.latency.table.identity()}
 
 
 def read_archs(path):
@@ -210,14 +277,16 @@ def candidates_from_file(args, table):
     cells, digest = read_archs(path)
     try:
         genotypes = [parse_convs(c, where=f"{path}, convs") for c in cells]
-        params, macs = table.cost_many(np.stack([table.encode(g) for g in genotypes]))
+        codes = np.stack([table.encode(g) for g in genotypes])
+        params, macs = table.cost_many(codes)
     except UserError as e:   # written for another network or search space
         if named:
             raise UserError(f"{path} does not fit this search ({e}): pass the archs file of "
                             "this network, or --save_file none for exact samples") from None
         print(f"candidates: exact samples ({path} skipped, written for another network: {e})")
         return None
-    fit = [g for g, ok in zip(genotypes, in_budget(args, params, macs)) if ok]
+    ok = in_budget(args, params, macs) & in_latency_budget(args, table, codes)
+    fit = [g for g, keep in zip(genotypes, ok) if keep]
     counts = f"{len(fit)} of its {len(genotypes)} rows meet this budget"
     if len(fit) < args.samples:
         if named:
@@ -241,12 +310,13 @@ def get_candidates(args, table):
         if from_file is not None:
             return from_file
     n = args.samples
-    available = count_genotypes(table, args.param_goal, args.mac_goal, args.tol)
+    available = count_genotypes(table, args.param_goal, args.mac_goal, args.tol,
+                                latency=table.latency)
     if available < n:
         print(f"only {int(available)} genotypes meet this budget: scoring all of them")
         n = int(available)
     return sample_genotypes(table, n, args.param_goal, args.mac_goal, args.tol,
-                            args.seed), "sampled"
+                            args.seed, latency=table.latency), "sampled"
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,6 +383,8 @@ def read_rows(path, score_col):
         rows[int(r["index"])] = {"index": int(r["index"]), "convs": parse_convs(r["convs"]),
                                  "params": int(r["params"]), "macs": int(r["macs"]),
                                  score_col: float(r[score_col])}
+        if "latency_ms" in r:
+            rows[int(r["index"])]["latency_ms"] = float(r["latency_ms"])
     return rows
 
 
@@ -427,7 +499,8 @@ def score_all(args, todo, genotypes, table, num_classes, train_set, device, out_
             net = make_candidate(args, genotypes[i], num_classes, key, device)
             params, macs = table.cost(genotypes[i])
             row = {"index": i, "convs": genotypes[i], "params": params, "macs": macs,
-                   score_col: score_candidate(net, batches, proxy)}
+                   score_col: score_candidate(net, batches, proxy),
+                   **latency_row(table, genotypes[i])}
             writer.write_row(row)
             if best is None or row[score_col] > best[score_col]:
                 best = row
@@ -490,12 +563,13 @@ def main(args):
         return search(args)
 
 
-def search_settings(args, names, num_classes, source, train_set):
+def search_settings(args, names, num_classes, source, train_set, table):
     """What a resumed search must share with the run that started it."""
     settings = {k: getattr(args, k) for k in (
         "dataset", "arch", "param_goal", "mac_goal", "tol", "seed", "batch_size",
-        "minibatches", "resample_batch", "proxy")}
+        "minibatches", "resample_batch", "proxy", "latency_goal")}
     settings.update(num_classes=num_classes, blocks=names, candidates=source,
+                    **latency_settings(table),
                     data=dataset_identity(train_set),
                     loader=choose_loader(args.loader, args.dataset, [train_set]))
     if args.arch == "wrn":
@@ -517,10 +591,10 @@ def search(args):
         check_writable(os.path.dirname(args.best_file) or ".", "--best_file")
     rank, world, device = init_distributed(args)
     train_set, _, num_classes = get_datasets(args.dataset, args.data_loc, args.download)
-    table = cost_table(args, num_classes, names)
+    table = with_latency(args, cost_table(args, num_classes, names), num_classes, names)
     genotypes, source = get_candidates(args, table)
     out_path = os.path.join(args.results_dir, f"{args.proxy}_at_{goal_label(args)}.csv")
-    settings = search_settings(args, names, num_classes, source, train_set)
+    settings = search_settings(args, names, num_classes, source, train_set, table)
     train_set = training_images(args, train_set, device)
     if rank != 0:
         return run_search(args, genotypes, settings, table, num_classes, train_set, out_path,
@@ -538,7 +612,7 @@ def run_search(args, genotypes, settings, table, num_classes, train_set, out_pat
                device):
     """Check or write the settings, score what is not yet scored, merge, summarise."""
     score_col = args.proxy
-    columns = ["index", "convs", "params", "macs", score_col]
+    columns = ["index", "convs", "params", "macs", *latency_row(table, None), score_col]
     if rank == 0:
         check_settings(out_path[:-4] + ".json", settings)
     if world > 1:
@@ -600,16 +674,18 @@ def summarise(args, rows, out_path, n_scored, seconds):
     if args.plot:
         from plots import plot_search
         plot_search(out_path, out_path[:-4] + ".png", args.param_goal, args.mac_goal, args.tol,
-                    score=args.proxy)
+                    score=args.proxy, latency_goal=args.latency_goal)
     per = seconds / n_scored if n_scored else float("nan")
-    print(f"best of {len(rows)}: #{b['index']}  params {b['params']:,}  MACs {b['macs']:,}  "
+    lat = f"latency {b['latency_ms']:.3g} ms  " if "latency_ms" in b else ""
+    print(f"best of {len(rows)}: #{b['index']}  params {b['params']:,}  MACs {b['macs']:,}  {lat}"
           f"{args.proxy} {b[args.proxy]:.6g}  ({n_scored} scored now, {per:.3f} s each)  "
           f"-> {best_path(out_path)}")
     for k, r in enumerate(ranked[:args.top_n], 1):
         print(f"  rank {k}: #{r['index']}  {args.proxy} {r[args.proxy]:.6g}  "
               f"-> {genotype_path(args, r)}")
     return {"best_index": b["index"], "best_genotype": b["convs"], "params": b["params"],
-            "macs": b["macs"], "score": b[args.proxy], args.proxy: b[args.proxy],
+            "macs": b["macs"], "latency_ms": b.get("latency_ms"), "score": b[args.proxy],
+            args.proxy: b[args.proxy],
             "proxy": args.proxy, "results": out_path, "genotype": genotype_path(args, b),
             "best_file": best_path(out_path),
             "n_candidates": len(rows), "n_scored": n_scored, "seconds_per_candidate": per,
@@ -625,12 +701,16 @@ def generate_random(args, names):
         raise UserError(f"{args.save_file} exists: pass --overwrite to replace it, or another "
                         "--save_file")
     check_writable(os.path.dirname(args.save_file) or ".", "--save_file")
-    table = cost_table(args, NUM_CLASSES[args.dataset], names)
+    num_classes = NUM_CLASSES[args.dataset]
+    table = with_latency(args, cost_table(args, num_classes, names), num_classes, names)
     with tqdm(total=args.samples, desc="genotypes") as bar:
         genotypes = sample_genotypes(table, args.samples, args.param_goal, args.mac_goal,
-                                     args.tol, args.seed, progress=bar.update)
+                                     args.tol, args.seed, progress=bar.update,
+                                     latency=table.latency)
     params, macs = table.cost_many(np.stack([table.encode(g) for g in genotypes]))
     df = pd.DataFrame({"convs": [repr(g) for g in genotypes], "params": params, "macs": macs})
+    if table.latency is not None:
+        df["latency_ms"] = [latency_row(table, g)["latency_ms"] for g in genotypes]
     atomic_write(args.save_file, lambda f: f.write(df.to_csv().encode()))
     print(f"{len(df)} genotypes, params {params.min():,} to {params.max():,} -> {args.save_file}"
           f"\nsearches with --save_file {args.save_file} score its rows within their budget "

@@ -666,17 +666,19 @@ def _feasible_range_error(what: str, goal, tol, counts: WindowCounts) -> UserErr
                      f"{math.floor(hi):,}")
 
 
-def count_genotypes(table, param_goal=None, mac_goal=None, tol: float = 0.025) -> float:
+def count_genotypes(table, param_goal=None, mac_goal=None, tol: float = 0.025,
+                    latency=None) -> float:
     """How many genotypes of `table` lie in the window of one goal (float64; exact below 2^53).
-    With both goals this is the smaller of the two single-window counts (an upper bound)."""
-    counters = _window_counters(table, param_goal, mac_goal, tol)
+    With both goals this is the smaller of the two single-window counts (an upper bound).
+    `latency`: a latency.QuantisedLatency (integer costs and its own goal), a third window."""
+    counters = _window_counters(table, param_goal, mac_goal, tol, latency)
     if not counters:
         return float(len(table.names)) ** table.n_positions
     return min(c.total for c, _, _ in counters)
 
 
-def _window_counters(table, param_goal, mac_goal, tol):
-    out = []
+def _window_counters(table, param_goal, mac_goal, tol, latency=None):
+    out = _latency_counter(latency, tol)
     for what, goal, costs, base in (("params", param_goal, table.params, table.base_params),
                                     ("MACs", mac_goal, table.macs, table.base_macs)):
         if goal is None:
@@ -689,9 +691,20 @@ def _window_counters(table, param_goal, mac_goal, tol):
     return out
 
 
+def _latency_counter(latency, tol):
+    """[] or the latency window's counter: its costs are already integers (quantised)."""
+    if latency is None:
+        return []
+    lo, hi = latency.window(tol)
+    counts = WindowCounts(latency.units, latency.base, lo, hi)
+    if counts.total == 0:
+        raise latency.infeasible(tol)
+    return [(counts, latency.units, (latency.base, lo, hi))]
+
+
 def sample_codes(table, n: int, param_goal=None, mac_goal=None, tol: float = 0.025,
                  seed: int = 0, distinct: bool = True, progress=None,
-                 chunk: int = 2048, max_draws: int = 10_000_000) -> np.ndarray:
+                 chunk: int = 2048, max_draws: int = 10_000_000, latency=None) -> np.ndarray:
     """(n, positions) type indices into table.names, uniform over the genotypes within +-tol
     of each given goal (over all genotypes when none is given).
 
@@ -699,15 +712,16 @@ def sample_codes(table, n: int, param_goal=None, mac_goal=None, tol: float = 0.0
     samples of n=m: a larger --samples extends a search. `progress(k)` is told of k new ones."""
     rng = np.random.default_rng(seed)
     P, T = table.params.shape
-    counters = sorted(_window_counters(table, param_goal, mac_goal, tol), key=lambda c: c[0].total)
+    counters = sorted(_window_counters(table, param_goal, mac_goal, tol, latency),
+                      key=lambda c: c[0].total)
     if distinct and len(counters) == 1 and counters[0][0].total < n:
         raise UserError(f"only {int(counters[0][0].total)} distinct genotypes meet this budget; "
                         f"ask for at most that many samples (--samples) or widen the window")
     kept, seen, draws = [], set(), 0
     while len(kept) < n:
         if draws >= max_draws:
-            raise UserError(f"only {len(kept)} of {n} samples found meeting both the parameter "
-                            f"and the MAC goal after {draws:,} draws: the two windows barely "
+            raise UserError(f"only {len(kept)} of {n} samples found meeting every goal "
+                            f"(params, MACs, latency) after {draws:,} draws: the two windows barely "
                             "overlap; loosen one of the goals")
         codes = counters[0][0].draw(rng, chunk) if counters else rng.integers(0, T, (chunk, P))
         draws += chunk
@@ -730,8 +744,10 @@ def sample_codes(table, n: int, param_goal=None, mac_goal=None, tol: float = 0.0
 
 
 def sample_genotypes(table, n: int, param_goal=None, mac_goal=None, tol: float = 0.025,
-                     seed: int = 0, distinct: bool = True, progress=None) -> List[List[str]]:
+                     seed: int = 0, distinct: bool = True, progress=None,
+                     latency=None) -> List[List[str]]:
     """n genotypes (lists of block names), uniform within the budget window(s); see
     sample_codes. An infeasible budget raises UserError stating the feasible range."""
-    codes = sample_codes(table, n, param_goal, mac_goal, tol, seed, distinct, progress)
+    codes = sample_codes(table, n, param_goal, mac_goal, tol, seed, distinct, progress,
+                         latency=latency)
     return [[table.names[t] for t in row] for row in codes]

@@ -139,7 +139,7 @@ def guess_goal(df: pd.DataFrame, path) -> dict:
 
 
 def plot_search(results, out_png: str, param_goal=None, mac_goal=None, tol: float = 0.025,
-                score: Optional[str] = None) -> str:
+                score: Optional[str] = None, latency_goal=None) -> str:
     """Score against params (and MACs) for every scored candidate, in scoring (file) order:
     the running best joined up, the final best starred, the budget window shaded."""
     df = read_table(results, "search results", ["params"])
@@ -157,6 +157,8 @@ def plot_search(results, out_png: str, param_goal=None, mac_goal=None, tol: floa
     xs = [("params", "parameters", param_goal)]
     if "macs" in df.columns:
         xs.append(("macs", "MACs", mac_goal))
+    if "latency_ms" in df.columns:
+        xs.append(("latency_ms", "predicted latency (ms)", latency_goal))
     fig, axes = new_figure(len(xs) + 1, panel=(5.2, 4.3))
     for ax, (x, xlabel, goal) in zip(axes, xs):
         if goal:

@@ -1,0 +1,428 @@
+"""Inference latency of genotypes from a measured lookup table (as FBNet and ProxylessNAS do).
+
+A network's latency is predicted as its fixed parts (stem, head) plus one entry per residual
+block, each the median time of that block type at that position measured alone, in place:
+the residual block with the position's channels, stride and input size, in eval mode, without
+gradients, at the table's batch size and thread count. Positions of one group past the first
+share their geometry (count_ops.BlockSlot), so each distinct slot is timed once.
+
+A table is cached as a CSV named after, and holding, what it depends on: network family,
+device name, torch version, threads, batch size. It is reused when those match.
+
+For the exact sampler (funcs.WindowCounts, which works on integers) the table is quantised to
+a unit of goal / (100 (positions + 1)): rounding each of the positions + 1 entries moves a sum
+by at most half a unit each, so a predicted latency is off by under 0.5% of the goal.
+"""
+import contextlib
+import hashlib
+import os
+import platform
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from count_ops import BlockSlot, resnet_slots, wrn_slots
+from models.blocks import SEARCH_SPACE, UserError, get_block_type, make_block
+from models.resnet import LAYERS, ResNet
+from models.wide_resnet import WideResNet
+
+WARMUP, REPEATS = 5, 25   # per timed module; the median of REPEATS after WARMUP calls
+
+# 'wall': elapsed time, the latency a user sees. 'cpu': this process's CPU time, for a shared
+# CPU: there a run longer than the scheduler's time slice waits for other processes, so
+# wall times of whole networks grow with the machine's load while those of single blocks
+# (shorter than a slice) do not, and the sum stops predicting the whole. With one thread,
+# CPU time is the wall time an idle machine would show. CUDA is always timed by the wall.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+
+def device_name(device: torch.device) -> str:
+    """What the table is keyed by: the GPU's name, else the CPU's model name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return platform.processor() or platform.machine() or "cpu"
+    return device.type
+
+
+@contextlib.contextmanager
+def thread_count(threads: Optional[int]):
+    """Pin torch's intra-op threads for the body (None: leave the default)."""
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def time_ms(fn: Callable, x: torch.Tensor, warmup: int = WARMUP, repeats: int = REPEATS,
+            clock: str = "wall") -> float:
+    """Median time of fn(x) in milliseconds on `clock` (CLOCKS), synchronised on CUDA."""
+    now = CLOCKS["wall" if x.device.type == "cuda" else clock]
+    for _ in range(warmup):
+        fn(x)
+    _sync(x.device)
+    times = []
+    for _ in range(repeats):
+        t0 = now()
+        fn(x)
+        _sync(x.device)
+        times.append(now() - t0)
+    return 1000 * statistics.median(times)
+
+
+def measure_network_ms(net: nn.Module, image_size: int, batch: int, device,
+                       threads: Optional[int] = None, warmup: int = WARMUP,
+                       repeats: int = REPEATS, clock: str = "wall") -> float:
+    """Measured latency of a whole network (eval mode, no grad), median of `repeats`."""
+    device = torch.device(device)
+    net = net.to(device).eval()
+    x = torch.randn(batch, 3, image_size, image_size, device=device)
+    with thread_count(threads):
+        return time_ms(net, x, warmup, repeats, clock)
+
+
+# --------------------------------------------------------------------------------------------
+# Network families: slot geometry (count_ops) and the fixed parts around the blocks
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Family:
+    """One network family: its block slots, and its fixed parts as (input shape, module)."""
+    label: str                  # 'wrn40-2', 'resnet34', ...
+    slots: List[BlockSlot]
+    image_size: int
+    fixed: Dict[str, tuple]     # part name -> (input shape without batch, fn)
+    build: Callable             # build(genotype) -> network
+
+
+class _Head(nn.Module):
+    """The part of a network after its last block: [BN-ReLU], global average pool, fc."""
+
+    def __init__(self, net: nn.Module, final_bn: bool):
+        super().__init__()
+        self.bn, self.fc = (net.bn1 if final_bn else None), net.fc
+
+    def forward(self, x):
+        if self.bn is not None:
+            x = F.relu(self.bn(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def wrn_family(depth: int = 40, width: int = 2, num_classes: int = 10) -> Family:
+    net = WideResNet(depth, width, "Conv", num_classes)
+    slots = wrn_slots(depth, width, 32)
+    last = slots[-1]
+    return Family(f"wrn{depth}-{width}-c{num_classes}", slots, 32,
+                  {"stem": ((3, 32, 32), net.conv1),
+                   "head": ((last.out_planes, last.size, last.size), _Head(net, True))},
+                  lambda g: WideResNet(depth, width, g, num_classes))
+
+
+def resnet_family(arch: str = "resnet34", num_classes: int = 1000) -> Family:
+    net = ResNet(LAYERS[arch], "Conv", num_classes)
+    slots = resnet_slots(LAYERS[arch], 224)
+    last = slots[-1]
+    stem = nn.Sequential(net.conv1, net.bn1, nn.ReLU(), net.mpool)
+    return Family(f"{arch}-c{num_classes}", slots, 224,
+                  {"stem": ((3, 224, 224), stem),
+                   "head": ((last.out_planes, last.size // 2, last.size // 2),
+                            _Head(net, False))},
+                  lambda g: ResNet(LAYERS[arch], g, num_classes))
+
+
+# --------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TableKey:
+    """What a latency table depends on; it names the cache file and is stored inside it."""
+    family: str
+    device: str
+    torch: str
+    threads: int
+    batch: int
+    clock: str = "wall"
+
+    def file_name(self) -> str:
+        slug = re.sub(r"[^A-Za-z0-9.]+", "-", self.device).strip("-")
+        return (f"{self.family}_{slug}_torch{self.torch}_t{self.threads}_b{self.batch}_"
+                f"{self.clock}.csv")
+
+    def describe(self) -> str:
+        return f"{self.device}, batch {self.batch}, {self.threads} threads, {self.clock} clock"
+
+
+class LatencyTable:
+    """raw_ms[i, t]: milliseconds of block type names[t] at position i, timed alone; parts:
+    the fixed parts as ((name, ms), ...); scale: measured / summed over a few whole networks
+    (see calibrate). predict(genotype) = scale * (fixed parts + sum over positions)."""
+
+    def __init__(self, key: TableKey, names: Sequence[str], raw_ms: np.ndarray, parts,
+                 scale: float = 1.0):
+        self.key, self.names = key, list(names)
+        self.index = {n: t for t, n in enumerate(self.names)}
+        self.raw_ms, self.scale = np.asarray(raw_ms, float), float(scale)
+        self.parts = tuple((str(p), float(v)) for p, v in parts)
+        self.ms = self.scale * self.raw_ms                           # what predictions sum
+        self.fixed_ms = self.scale * sum(v for _, v in self.parts)
+
+    @property
+    def n_positions(self) -> int:
+        return self.ms.shape[0]
+
+    def codes(self, genotypes) -> np.ndarray:
+        return np.array([[self.index[n] for n in g] for g in genotypes], np.int64)
+
+    def predict_many(self, codes: np.ndarray) -> np.ndarray:
+        """Predicted ms of an (N, positions) array of type indices into `names`."""
+        return self.fixed_ms + self.ms[np.arange(self.n_positions), codes].sum(1)
+
+    def predict(self, genotype: Sequence[str]) -> float:
+        return float(self.predict_many(self.codes([genotype]))[0])
+
+    def digest(self) -> str:
+        """A short hash of the measured values: a re-measured table is a different table."""
+        text = ",".join(f"{v:.6f}" for v in [self.scale, self.fixed_ms, *self.ms.ravel()])
+        return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+    def identity(self) -> str:
+        return f"{self.key.file_name()[:-4]}@{self.digest()}"
+
+    def range_ms(self):
+        return (self.fixed_ms + self.ms.min(1).sum(), self.fixed_ms + self.ms.max(1).sum())
+
+    def quantise(self, goal_ms: float) -> "QuantisedLatency":
+        return QuantisedLatency(self, goal_ms)
+
+    # -- CSV: one row per (part, position, block type), the key's fields on every row --------
+
+    def to_frame(self, slots: Sequence[BlockSlot]) -> pd.DataFrame:
+        rows = [dict(part=p, position=-1, block="", ms=ms) for p, ms in self.parts]
+        rows.append(dict(part="scale", position=-1, block="", ms=self.scale))
+        for i, s in enumerate(slots):
+            rows += [dict(part="block", position=i, in_planes=s.in_planes,
+                          out_planes=s.out_planes, stride=s.stride, size=s.size, block=n,
+                          ms=self.raw_ms[i, t]) for t, n in enumerate(self.names)]
+        df = pd.DataFrame(rows)
+        for k, v in vars(self.key).items():
+            df[k] = v
+        return df
+
+
+def _time_block(name: str, slot: BlockSlot, batch: int, device, warmup, repeats, clock):
+    block = make_block(name, slot.in_planes, slot.out_planes, slot.stride).to(device).eval()
+    x = torch.randn(batch, slot.in_planes, slot.size, slot.size, device=device)
+    return time_ms(block, x, warmup, repeats, clock)
+
+
+def calibrate(table: LatencyTable, family: Family, device, n: int, warmup: int,
+              repeats: int, clock: str, seed: int = 0) -> float:
+    """measured / summed latency, the median over n uniformly random whole networks.
+
+    Blocks timed alone run with their weights and input hot in the caches; in a network
+    each block's weights were last touched a whole pass earlier, and on a shared CPU a
+    network spans more of other processes' time slices than one block does. Both make the
+    whole slower than the sum of its parts by a roughly constant factor (bench_latency.py)."""
+    if n < 1:
+        return 1.0
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, len(table.names), (n, table.n_positions))
+    summed = table.predict_many(codes)
+    batch = table.key.batch
+    measured = [measure_network_ms(family.build([table.names[t] for t in row]),
+                                   family.image_size, batch, device, None, warmup, repeats,
+                                   clock) for row in codes]
+    return float(np.median(np.array(measured) / summed))
+
+
+def measure_table(family: Family, names: Sequence[str], device, batch: int = 1,
+                  threads: Optional[int] = None, warmup: int = WARMUP, repeats: int = REPEATS,
+                  clock: str = "wall", show: bool = True,
+                  calibration: int = 8) -> LatencyTable:
+    """Time every block type at every distinct slot, and the fixed parts; then fit the
+    table's scale on `calibration` whole networks (0: plain summation)."""
+    device = torch.device(device)
+    for n in names:
+        get_block_type(n)
+    distinct = list(dict.fromkeys(family.slots))
+    with thread_count(threads) as n_threads, \
+            tqdm(total=len(distinct) * len(names) + len(family.fixed), disable=not show,
+                 desc=f"latency table {family.label} b{batch}") as bar:
+        fixed = []
+        for part, (shape, module) in family.fixed.items():
+            module = module.to(device).eval()
+            fixed.append((part, time_ms(module, torch.randn(batch, *shape, device=device),
+                                        warmup, repeats, clock)))
+            bar.update()
+        per_slot = {}
+        for slot in distinct:
+            for n in names:
+                per_slot[slot, n] = _time_block(n, slot, batch, device, warmup, repeats, clock)
+                bar.update()
+        key = TableKey(family.label, device_name(device), torch.__version__, n_threads, batch,
+                       clock)
+        ms = np.array([[per_slot[s, n] for n in names] for s in family.slots])
+        table = LatencyTable(key, names, ms, fixed)
+        bar.set_postfix_str(f"calibrating on {calibration} networks")
+        scale = calibrate(table, family, device, calibration, max(1, warmup // 2),
+                          max(3, repeats // 3), clock)
+    return LatencyTable(key, names, ms, fixed, scale)
+
+
+def read_table(path: str, key: TableKey, names: Sequence[str],
+               n_positions: int) -> Optional[LatencyTable]:
+    """The cached table at `path` if it holds `key` and every name; None otherwise."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        df = pd.read_csv(path, keep_default_na=False)
+        if any(str(df[k].iloc[0]) != str(v) or df[k].nunique() != 1
+               for k, v in vars(key).items()):
+            return None
+        blocks = df[df["part"] == "block"]
+        grid = blocks.pivot(index="position", columns="block", values="ms")
+        if len(grid) != n_positions or not set(names) <= set(grid.columns):
+            return None
+        fixed = df[~df["part"].isin(["block", "scale"])]
+        scale = float(df.loc[df["part"] == "scale", "ms"].iloc[0])
+        return LatencyTable(key, names, grid[list(names)].to_numpy(float),
+                            zip(fixed["part"], fixed["ms"].astype(float)), scale)
+    except (KeyError, ValueError, IndexError, pd.errors.ParserError):
+        return None   # not one of ours, or torn: measure afresh
+
+
+def load_or_measure(family: Family, names: Sequence[str], device, batch: int = 1,
+                    threads: Optional[int] = None, cache_dir: str = "results/latency",
+                    warmup: int = WARMUP, repeats: int = REPEATS, clock: str = "wall",
+                    show: bool = True, calibration: int = 8) -> LatencyTable:
+    """The cached table for (family, device, torch, threads, batch, clock), measured if absent
+    or if the cached file's facts differ."""
+    device = torch.device(device)
+    if clock not in CLOCKS:
+        raise UserError(f"unknown latency clock {clock!r}; valid: " + ", ".join(CLOCKS))
+    with thread_count(threads) as n_threads:
+        pass
+    key = TableKey(family.label, device_name(device), torch.__version__, n_threads, batch, clock)
+    path = os.path.join(cache_dir, key.file_name())
+    table = read_table(path, key, names, len(family.slots))
+    if table is not None:
+        return table
+    table = measure_table(family, names, device, batch, n_threads, warmup, repeats, clock, show,
+                          calibration)
+    from funcs import atomic_write   # funcs imports count_ops, as this module does
+    os.makedirs(cache_dir, exist_ok=True)
+    text = table.to_frame(family.slots).to_csv(index=False)
+    atomic_write(path, lambda f: f.write(text.encode()))
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# Integer costs for the exact sampler
+# --------------------------------------------------------------------------------------------
+
+class QuantisedLatency:
+    """A latency table in integer units of unit_ms, for funcs.WindowCounts.
+
+    units[i, t] = round(ms[i, t] / unit_ms); base = round(fixed_ms / unit_ms); the goal's
+    window is budget_window(goal_ms / unit_ms, tol) on the sum of units."""
+
+    def __init__(self, table: LatencyTable, goal_ms: float):
+        if not goal_ms > 0:
+            raise UserError(f"--latency_goal must be a positive number of ms, got {goal_ms}")
+        self.table, self.goal_ms = table, float(goal_ms)
+        self.unit_ms = self.goal_ms / (100 * (table.n_positions + 1))
+        self.units = np.rint(table.ms / self.unit_ms).astype(np.int64)
+        self.base = int(round(table.fixed_ms / self.unit_ms))
+
+    def window(self, tol: float):
+        from funcs import budget_window
+        return budget_window(self.goal_ms / self.unit_ms, tol)
+
+    def units_many(self, codes: np.ndarray) -> np.ndarray:
+        return self.base + self.units[np.arange(len(self.units)), codes].sum(1)
+
+    def in_window(self, codes: np.ndarray, tol: float) -> np.ndarray:
+        lo, hi = self.window(tol)
+        u = self.units_many(codes)
+        return (u >= lo) & (u <= hi)
+
+    def infeasible(self, tol: float) -> UserError:
+        lo, hi = self.table.range_ms()
+        return UserError(
+            f"no genotype has a predicted latency within +-{tol:.1%} of {self.goal_ms:g} ms "
+            f"on {self.table.key.describe()}: this network's genotypes take {lo:.3g} to "
+            f"{hi:.3g} ms there, so the goal must lie between {lo / (1 + tol):.3g} and "
+            f"{hi / (1 - tol):.3g} ms")
+
+
+def parse_table_device(name: Optional[str], default: str) -> torch.device:
+    """--latency_device: a torch device string, else the search device."""
+    try:
+        return torch.device(name or default)
+    except RuntimeError:
+        raise UserError(f"--latency_device {name!r} is not a device (cpu, cuda, cuda:1, mps)") \
+            from None
+
+
+def print_latency(args, net: nn.Module) -> Dict[str, float]:
+    """count_ops.py --latency: the table's prediction beside the measured latency of `net`
+    (the same batch, threads, clock and device), the table measured first if not cached."""
+    if args.latency_batch < 1 or (args.threads is not None and args.threads < 1):
+        raise UserError("--latency_batch and --threads must be at least 1")
+    device = parse_table_device(args.latency_device, "cpu")
+    if args.arch == "wrn":
+        family = wrn_family(args.wrn_depth, args.wrn_width, net.num_classes)
+    else:
+        family = resnet_family(args.arch, net.num_classes)
+    names = list(SEARCH_SPACE) + [n for n in dict.fromkeys(net.genotype) if n not in SEARCH_SPACE]
+    table = load_or_measure(family, names, device, args.latency_batch, args.threads,
+                            args.latency_dir, clock=args.latency_clock)
+    predicted = table.predict(net.genotype)
+    measured = measure_network_ms(net, family.image_size, args.latency_batch, device,
+                                  args.threads, clock=args.latency_clock)
+    print(f"latency on {table.key.describe()}: predicted {predicted:.3f} ms  measured "
+          f"{measured:.3f} ms  ({(predicted - measured) / measured:+.1%})")
+    return {"predicted_ms": predicted, "measured_ms": measured}
+
+
+def relative_errors(predicted, measured) -> np.ndarray:
+    """(predicted - measured) / measured."""
+    predicted, measured = np.asarray(predicted, float), np.asarray(measured, float)
+    return (predicted - measured) / measured
+
+
+def summarise_errors(predicted, measured) -> Dict[str, float]:
+    """Median and 90th percentile of |relative error|, and the share within +-10%."""
+    err = np.abs(relative_errors(predicted, measured))
+    return {"median": float(np.median(err)), "p90": float(np.quantile(err, 0.9)),
+            "within10": float((err <= 0.10).mean()), "n": len(err)}
