@@ -2,7 +2,9 @@
 # Moonshine baselines (Crowley et al. 2018), as the original BlockSwap sweep: for each teacher
 # WRN-40-2 number t, train uniform students of every cheap block type, plus the WRN-16-2,
 # WRN-16-1 and WRN-40-1 students, all with attention transfer from checkpoints/wrn_40_2_$t.t7
-# (the teacher is trained first if its checkpoint is missing).
+# (the teacher is trained first if its checkpoint is missing). A run with a checkpoint is
+# resumed (main.py --resume): a run killed before its last epoch is continued, a larger EPOCHS
+# extends it, and a finished one is left as it is.
 #
 #   bash bash/moonshine.sh                        # the full sweep, sequentially on GPU 0
 #   GPUS="0 1 2 3" bash bash/moonshine.sh         # one run per GPU at a time
@@ -50,27 +52,24 @@ run() {  # run GPU_ID ARGS...
   fi
 }
 next_gpu() { echo "${GPU_LIST[$(( slot % ${#GPU_LIST[@]} ))]}"; }
-# Skip finished runs: a completed checkpoint exists (main.py refuses to overwrite it).
-done_run() { [ "$DRY_RUN" != 1 ] && [ -f "$CHECKPOINTS/$1.t7" ]; }
+# --resume when the run has a checkpoint: main.py finishes or extends it, or says it is done
+resume() { if [ -f "$CHECKPOINTS/$1.t7" ]; then echo --resume; fi; }
 
 for t in $TEACHERS; do
-  if ! done_run "wrn_40_2_$t"; then
-    # shellcheck disable=SC2086
-    run "$(next_gpu)" $DATASET teacher --conv Conv -t "wrn_40_2_$t" --wrn_depth 40 --wrn_width 2 $COMMON
-    wait
-  fi
+  # shellcheck disable=SC2086,SC2046
+  run "$(next_gpu)" $DATASET teacher --conv Conv -t "wrn_40_2_$t" --wrn_depth 40 --wrn_width 2 \
+    $COMMON $(resume "wrn_40_2_$t")
+  wait
   for conv in $CONVS; do
-    done_run "wrn_40_2_$t.$conv" && continue
-    # shellcheck disable=SC2086
+    # shellcheck disable=SC2086,SC2046
     run "$(next_gpu)" $DATASET student --moonshine --conv "$conv" -t "wrn_40_2_$t" \
-      -s "wrn_40_2_$t.$conv" --wrn_depth 40 --wrn_width 2 $COMMON
+      -s "wrn_40_2_$t.$conv" --wrn_depth 40 --wrn_width 2 $COMMON $(resume "wrn_40_2_$t.$conv")
   done
   for shape in $SHAPES; do
-    done_run "wrn_${shape}_$t" && continue
-    # shellcheck disable=SC2086
+    # shellcheck disable=SC2086,SC2046
     run "$(next_gpu)" $DATASET student --moonshine --conv Conv -t "wrn_40_2_$t" \
       -s "wrn_${shape}_$t" --wrn_depth 40 --wrn_width 2 --diff_shape \
-      --stu_depth "${shape%_*}" --stu_width "${shape#*_}" $COMMON
+      --stu_depth "${shape%_*}" --stu_width "${shape#*_}" $COMMON $(resume "wrn_${shape}_$t")
   done
   wait
 done
