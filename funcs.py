@@ -52,17 +52,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if "default" in action.help else super()._get_help_string(action)
 
 
-def check_writable(folder: str, what: str = "folder") -> None:
-    """UserError naming `folder` when files cannot be created in it (or in the nearest existing
-    folder above it, where it would be created): checked before any work starts."""
-    probe = os.path.abspath(folder)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise UserError(f"{what} {folder}: {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"{what} {folder} is not writable ({probe} is read-only): choose "
-                        "another folder or fix its permissions")
+def check_writable(folder: str, flag: str) -> None:
+    """UserError naming `folder` when files cannot be written there (or in the nearest existing
+    folder above it, where it would be made), so a run fails before any work, not after."""
+    d = os.path.abspath(folder)
+    while not os.path.exists(d):
+        d = os.path.dirname(d)
+    if not os.path.isdir(d):
+        raise UserError(f"{flag} {folder}: {d} is a file, not a folder")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder}: the folder {d} is not writable (read-only); "
+                        f"pass another {flag}")
 
 
 @contextlib.contextmanager

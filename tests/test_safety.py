@@ -115,7 +115,7 @@ def test_read_only_checkpoint_folder_is_named(tiny_imagefolder, tmp_path, capsys
                         str(folder) and mode & os.W_OK else real(p, mode, **k))
     err = one_line_error(capsys, M.main, M.get_args_parser(),
                          argv(tiny_imagefolder, folder / "sub", "-t", "x"), tmp_path)
-    assert f"--checkpoint_dir {folder / 'sub'} is not writable" in err
+    assert f"--checkpoint_dir {folder / 'sub'}" in err and "not writable" in err
 
 
 def test_download_without_network_is_one_line(tmp_path, capsys, monkeypatch):
