@@ -1,7 +1,9 @@
 """Shared pieces of BlockSwap: parameter counting, genotype files, data, losses, CLI glue.
 (Fisher potential and genotype sampling live here too; see the sections below.)"""
+import argparse
 import ast
 import contextlib
+import copy
 import csv
 import gc
 import hashlib
@@ -9,6 +11,7 @@ import math
 import os
 import re
 import socket
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -36,6 +39,33 @@ def run_cli(main, parser, argv: Optional[Sequence[str]] = None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every flag's default, also for flags without a help text (argparse's own
+    formatter shows it only beside a help text), unless the text already states one."""
+
+    def _format_action(self, action):
+        if not action.help and action.option_strings and action.default is not argparse.SUPPRESS:
+            action = copy.copy(action)
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        return action.help if "default" in action.help else super()._get_help_string(action)
+
+
+def check_writable(folder: str, flag: str) -> None:
+    """UserError naming `folder` when files cannot be written there (or in the nearest existing
+    folder above it, where it would be made), so a run fails before any work, not after."""
+    d = os.path.abspath(folder)
+    while not os.path.exists(d):
+        d = os.path.dirname(d)
+    if not os.path.isdir(d):
+        raise UserError(f"{flag} {folder}: {d} is a file, not a folder")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder}: the folder {d} is not writable (read-only); "
+                        f"pass another {flag}")
 
 
 @contextlib.contextmanager
@@ -94,6 +124,7 @@ def atomic_write(path: str, write) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
+        os.chmod(tmp, _file_mode(path))   # mkstemp's 0600 would make every output private
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -103,19 +134,6 @@ def atomic_write(path: str, write) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-
-
-def check_writable(folder: str, flag: str) -> None:
-    """UserError naming `folder` when files cannot be written there (or in the nearest existing
-    folder above it, where it would be made), so a run fails before any work, not after."""
-    d = os.path.abspath(folder)
-    while not os.path.exists(d):
-        d = os.path.dirname(d)
-    if not os.path.isdir(d):
-        raise UserError(f"{flag} {folder}: {d} is a file, not a folder")
-    if not os.access(d, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {folder}: the folder {d} is not writable (read-only); "
-                        f"pass another {flag}")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -161,6 +179,15 @@ def pid_lock(path: str, what: str):
         yield path
     finally:
         os.remove(path)
+
+
+def _file_mode(path: str) -> int:
+    """The mode a plain open(path, "w") gives: an existing file's own, else 0666 less the umask."""
+    if os.path.exists(path):
+        return os.stat(path).st_mode & 0o777
+    umask = os.umask(0o022)   # the only way to read it is to set it; set back at once
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,9 +325,14 @@ def get_datasets(dataset: str, data_loc: str, download: bool = False, cutout: in
         raise UserError(f"ImageNet not found at {data_loc}: expected train/<class>/ and "
                         "val/<class>/ image folders")
     cls = {"cifar10": D.CIFAR10, "cifar100": D.CIFAR100}[dataset]
+    created = _first_missing(data_loc)   # what a failed download must not leave behind
     try:
         train_set = cls(data_loc, train=True, download=download, transform=t_train)
         val_set = cls(data_loc, train=False, download=download, transform=t_val)
+    except OSError as e:   # URLError, a refused connection, a full disk: nothing half-made kept
+        if not download:
+            raise
+        raise _download_failed(dataset, data_loc, created, e) from None
     except RuntimeError as e:
         raise UserError(f"{dataset} not found at {data_loc} ({e}); expected torchvision's "
                         f"{cls.base_folder}/ or an image folder train/<class>/ with test/ or "
@@ -331,6 +363,25 @@ def subset_indices(size: int, n: Optional[int], seed: int = 0) -> Optional[List[
         return None
     g = torch.Generator().manual_seed(seed)
     return torch.randperm(size, generator=g)[:n].tolist()
+
+
+def _first_missing(path: str) -> Optional[str]:
+    """The topmost folder of `path` that does not exist yet (None if `path` exists)."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
+
+
+def _download_failed(dataset: str, data_loc: str, created: Optional[str],
+                     e: OSError) -> UserError:
+    """The error for a failed --download; removes the folders the attempt created."""
+    if created:
+        shutil.rmtree(created, ignore_errors=True)
+    reason = str(getattr(e, "reason", "") or e).strip().splitlines()
+    return UserError(f"could not download {dataset} into {data_loc} "
+                     f"({reason[0] if reason else type(e).__name__}): check the network, or "
+                     "fetch it elsewhere and pass its folder as --data_loc")
 
 
 def subset(ds, n: Optional[int], seed: int = 0):

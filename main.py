@@ -15,7 +15,9 @@ Files (rank 0 writes them, after every epoch):
                                arguments and metric history; written atomically.
   checkpoints/<name>.log.csv   one row per epoch: epoch, lr, train/val loss and error (%), seconds.
 A fresh run refuses to replace an existing checkpoint: pass --resume to continue it (with the
-schedule saved in it) or --overwrite to start again.
+schedule saved in it) or --overwrite to start again. --resume refuses a checkpoint of another
+network, class count or mode; a raised --epochs extends the run (the longer run's schedule from
+the current epoch on); a finished run is left as it is.
 
 Reproducibility: with a fixed --seed, the shuffling and the augmentation of every image are drawn
 from (seed, epoch, image index), so a resumed run repeats the uninterrupted one and the images do
@@ -26,6 +28,7 @@ DDP), so N processes are equivalent to one process that normalises each 1/N of t
 import argparse
 import csv
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -40,9 +43,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
-from funcs import (DIST_CIFAR, DISTILL_TERMS, at_loss, atomic_write, distill_loss,
-                   distributed_teardown, get_datasets, get_no_params, load_genotype, parse_distill,
-                   pick_device, run_cli, subset, subset_indices)
+from funcs import (DIST_CIFAR, DISTILL_TERMS, HelpFormatter, at_loss, atomic_write,
+                   check_writable, distill_loss, distributed_teardown, get_datasets,
+                   get_no_params, load_genotype, parse_distill, pick_device, run_cli, subset,
+                   subset_indices)
 from loaders import Augment, TensorLoader, add_loader_args, choose_loader, tensor_images
 from models import ResNet, UserError, WideResNet, get_block_type, load_block_module
 from models.resnet import LAYERS
@@ -60,7 +64,7 @@ LOG_FIELDS = ("epoch", "lr", "train_loss", "train_error", "val_loss", "val_error
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="BlockSwap teacher/student training",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("dataset", choices=["cifar10", "cifar100", "imagenet"],
                    help="cifar10/cifar100 (torchvision folders or any ImageFolder tree) or imagenet")
     p.add_argument("mode", choices=["teacher", "student"], help="train a teacher or a student")
@@ -131,6 +135,25 @@ def add_distill_args(p):
     p.add_argument("--dist_cifar", action="store_true",
                    help="DIST's CIFAR setting: " + " ".join(
                        f"--{k} {v:g}" for k, v in DIST_CIFAR.items()))
+
+
+# The smallest value each numeric flag accepts (a flag left at None is not checked); --lr and
+# --temperature must be positive.
+ARG_MINIMA = {"epochs": 1, "batch_size": 1, "train_subset": 1, "val_subset": 1, "cutout": 0,
+              "workers": 0, "print_freq": 1, "momentum": 0, "weight_decay": 0,
+              "lr_decay_ratio": 0, "alpha": 0, "beta": 0}
+
+
+def validate_args(args) -> None:
+    """One-line errors for numeric flags out of range, before anything is read or written."""
+    for key, low in ARG_MINIMA.items():
+        value = getattr(args, key)
+        if value is not None and not value >= low:   # `not >=`: NaN is refused too
+            raise UserError(f"--{key} {value}: must be at least {low}")
+    for key in ("lr", "temperature"):
+        value = getattr(args, key)
+        if not (value > 0 and math.isfinite(value)):
+            raise UserError(f"--{key} {value}: must be a positive number")
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,8 +258,8 @@ def load_checkpoint(path: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or holds arbitrary Python objects
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise UserError(f"{path} is not a readable checkpoint ({first})") from None
+        raise UserError(f"{path} is not a readable checkpoint (not a checkpoint written by "
+                        f"main.py: {type(e).__name__})") from None
     missing = [k for k in ("net", "epoch", "convs", "num_classes") if k not in ckpt] \
         if isinstance(ckpt, dict) else ["net"]
     if missing:
@@ -416,10 +439,12 @@ def train_one_epoch(model, loader, optimizer, scaler, rt: Runtime, loss_fn, desc
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
                disable=True if not rt.main else None)              # None: off when not a tty
     start = time.perf_counter()
+    bad = torch.full((), -1, dtype=torch.int64, device=rt.device)  # first non-finite loss step
     for step, (inputs, targets) in enumerate(bar):
         inputs, targets = rt.images(inputs), targets.to(rt.device, non_blocking=True)
         with rt.autocast():
             loss, logits = loss_fn(model, inputs, targets)
+        bad = first_nonfinite(bad, loss, step)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -429,11 +454,33 @@ def train_one_epoch(model, loader, optimizer, scaler, rt: Runtime, loss_fn, desc
         sums[1] += (logits.argmax(1) != targets).sum()
         sums[2] += n
         if rt.main and (step + 1) % print_freq == 0:
+            if rt.world == 1:
+                check_finite(bad, rt, desc, len(loader))   # stop early (no extra sync)
             s = sums.tolist()
             bar.set_postfix(loss=f"{s[0] / s[2]:.3f}", err=f"{100 * s[1] / s[2]:.1f}%",
                             img_s=f"{s[2] * rt.world / (time.perf_counter() - start):.0f}")
     loss_sum, wrong, n = all_sum(sums, rt).tolist()
+    check_finite(bad, rt, desc, len(loader))
     return loss_sum / max(n, 1), 100.0 * wrong / max(n, 1)
+
+
+def first_nonfinite(bad: torch.Tensor, loss: torch.Tensor, step: int) -> torch.Tensor:
+    """`bad`, or `step` where this is the first step whose loss is NaN or infinite (on the
+    device: no synchronisation per step)."""
+    return torch.where((bad < 0) & ~torch.isfinite(loss.detach()), step, bad)
+
+
+def check_finite(bad: torch.Tensor, rt: Runtime, desc: str, steps: int) -> None:
+    """Stop the run at a NaN or infinite loss: nothing of this epoch is saved, so the last
+    checkpoint stays that of the last good epoch. Every process stops together."""
+    if rt.world > 1:
+        bad = bad.clone()
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    step = int(bad)
+    if step >= 0:
+        raise UserError(f"the loss became NaN or infinite in {desc}, step "
+                        f"{step + 1} of {steps}: the run is stopped and the checkpoint keeps the "
+                        "last finished epoch; lower --lr or check the data")
 
 
 def sync_buffers(model: nn.Module, rt: Runtime) -> None:
@@ -479,6 +526,7 @@ def start_or_resume(args, path: str, rt: Runtime) -> Optional[dict]:
                             "train from scratch over it")
         return None
     ckpt = load_checkpoint(path)
+    check_resume(ckpt, args, path, rt)
     saved = ckpt.get("args", {})
     for key in RUN_KEYS:
         if key in saved and saved[key] != getattr(args, key):
@@ -486,6 +534,81 @@ def start_or_resume(args, path: str, rt: Runtime) -> Optional[dict]:
                      f"(this command said {getattr(args, key)})")
             setattr(args, key, saved[key])
     return ckpt
+
+
+def requested_arch(args) -> dict:
+    """The network this command asks for, as far as it says without the teacher's checkpoint
+    (a student's shape is its teacher's unless --diff_shape or --wrn_depth/--wrn_width)."""
+    want = {"convs": genotype_arg(args)}   # a list, or one block name for a uniform network
+    if args.mode == "teacher":
+        want["arch"] = "resnet34" if args.dataset == "imagenet" else "wrn"
+        if want["arch"] == "wrn":
+            want["depth"], want["width"] = args.wrn_depth or 40, args.wrn_width or 2
+    elif args.diff_shape:
+        want["arch"], want["depth"], want["width"] = "wrn", args.stu_depth, args.stu_width
+    else:
+        want.update({k: v for k, v in (("depth", args.wrn_depth), ("width", args.wrn_width))
+                     if v is not None})
+    return want
+
+
+def check_resume(ckpt: dict, args, path: str, rt: Runtime) -> None:
+    """Refuse to resume a checkpoint of another kind of run (teacher/student) or of another
+    network than the command asks for. A raised --epochs extends the run: the checkpoint's
+    recorded --epochs is raised in memory, so the copy of its run arguments keeps the new one."""
+    saved = ckpt.get("args") or {}
+    mode = saved.get("mode")
+    if mode and mode != args.mode:
+        raise UserError(f"--resume: {path} is a {mode} checkpoint, this command trains a "
+                        f"{args.mode}")
+    have = {"arch": ckpt.get("arch", "wrn"), "depth": ckpt.get("depth"),
+            "width": ckpt.get("width"), "convs": list(ckpt["convs"])}
+    for key, value in requested_arch(args).items():
+        old = have[key]
+        if key == "convs" and isinstance(value, str):
+            value = [value] * len(old)     # --conv X: a uniform genotype
+        if old != value:
+            old, value = (_short(v) for v in (old, value))
+            raise UserError(f"--resume: {path} has {key} {old}, this command asks for "
+                            f"{key} {value}; give the run's own settings to resume it, or a new "
+                            "name to train another network")
+    if saved.get("epochs") is not None and args.epochs > saved["epochs"]:
+        rt.print(f"resume: extending the run from {saved['epochs']} to {args.epochs} epochs")
+        saved["epochs"] = args.epochs
+
+
+def _short(value):
+    """A uniform genotype as its one block name (for messages)."""
+    return value[0] if isinstance(value, list) and len(set(value)) == 1 else value
+
+
+def check_resume_classes(ckpt: Optional[dict], num_classes: int, args, path: str) -> None:
+    if ckpt and ckpt["num_classes"] != num_classes:
+        raise UserError(f"--resume: {path} has {ckpt['num_classes']} classes, {args.dataset} at "
+                        f"{data_location(args)} has {num_classes}")
+
+
+def finished(ckpt: dict, args, path: str, rt: Runtime) -> bool:
+    """True (and says so) when the resumed run has already trained all its epochs."""
+    if ckpt["epoch"] < args.epochs:
+        return False
+    rt.print(f"{path} has finished its {ckpt['epoch']} epochs: nothing to do (to train it "
+             f"longer, resume with a larger --epochs)")
+    return True
+
+
+def extend_schedule(scheduler, optimizer, args) -> None:
+    """After a raised --epochs, cosine annealing follows the longer run's curve from the
+    current epoch on (a stepped schedule does not depend on --epochs)."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) \
+            or scheduler.T_max == args.epochs:
+        return
+    scheduler.T_max, epoch = args.epochs, scheduler.last_epoch
+    lrs = [scheduler.eta_min + (base - scheduler.eta_min) *
+           (1 + math.cos(math.pi * epoch / args.epochs)) / 2 for base in scheduler.base_lrs]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 def load_teacher(args, num_classes: int) -> nn.Module:
@@ -574,7 +697,7 @@ def write_log(path: str, rows) -> None:
 
 def append_log(path: str, row: dict) -> None:
     with open(path, "a", newline="") as f:
-        csv.DictWriter(f, LOG_FIELDS).writerow(row)
+        csv.DictWriter(f, LOG_FIELDS, lineterminator="\n").writerow(row)   # as write_log
         f.flush()
         os.fsync(f.fileno())
 
@@ -619,6 +742,7 @@ def fit(model, train_loader, val_loader, optimizer, scheduler, scaler, rt, loss_
 
 
 def main(args):
+    validate_args(args)
     if args.GPU is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.GPU   # before anything initialises CUDA
     rt = setup_runtime(args)
@@ -636,10 +760,14 @@ def train(args, rt: Runtime):
     name = run_name(args)
     paths = (os.path.join(args.checkpoint_dir, name + ".t7"),
              os.path.join(args.checkpoint_dir, name + ".log.csv"))
+    check_writable(args.checkpoint_dir, "--checkpoint_dir")
     ckpt = start_or_resume(args, paths[0], rt)
     if args.mode == "student":
         resolve_distill(args, ckpt.get("args", {}) if ckpt else None)
+    if ckpt and finished(ckpt, args, paths[0], rt):
+        return None
     train_loader, val_loader, num_classes = make_loaders(args, rt)
+    check_resume_classes(ckpt, num_classes, args, paths[0])
     teacher = load_teacher(args, num_classes) if args.mode == "student" else None
 
     torch.manual_seed(args.seed)   # same initial weights in every process and every rerun
@@ -654,6 +782,7 @@ def train(args, rt: Runtime):
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        extend_schedule(scheduler, optimizer, args)
         scaler.load_state_dict(ckpt["scaler"])
         history = {k: list(ckpt.get(k, [])) for k in history}
         log_rows, start_epoch = list(ckpt.get("log", [])), ckpt["epoch"]

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import re
+import sys
 from typing import Optional, Sequence
 
 import numpy as np
@@ -25,7 +26,7 @@ from matplotlib.transforms import Bbox
 from matplotlib.ticker import FuncFormatter
 
 from count_ops import count_state_params
-from funcs import atomic_write, run_cli
+from funcs import HelpFormatter, atomic_write, run_cli
 from models.blocks import UserError
 from proxies import PROXIES, spearman
 
@@ -44,10 +45,21 @@ def new_figure(ncols: int, nrows: int = 1, panel=(6.0, 4.5)):
     return fig, list(axes.flat)
 
 
+def image_format(path: str) -> str:
+    """The format a file name's suffix names (png, pdf, svg, ...); UserError if none is known."""
+    suffix = os.path.splitext(path)[1][1:].lower()
+    known = FigureCanvasAgg.get_supported_filetypes()
+    if suffix not in known:
+        raise UserError(f"{path}: the suffix names no picture format matplotlib writes; use "
+                        f"one of {', '.join('.' + k for k in sorted(known))}")
+    return suffix
+
+
 def save(fig: Figure, out_png: str) -> str:
-    """Write the figure as a PNG (atomically, folders created) and return the path."""
+    """Write the figure in the format its suffix names (atomically, folders created) and
+    return the path."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
+    fig.savefig(buf, format=image_format(out_png), dpi=DPI)
     atomic_write(out_png, lambda f: f.write(buf.getvalue()))
     return out_png
 
@@ -244,6 +256,7 @@ def plot_training(log_path, out_png: str) -> str:
     df = read_log(log_path)
     fig, (ax_err, ax_loss, ax_lr) = new_figure(3, panel=(5.0, 4.0))
     for split, style in (("train", "--"), ("val", "-")):
+        style += "o" if len(df) == 1 else ""   # a line of one point draws nothing: a marker
         if f"{split}_error" in df:
             ax_err.plot(df["epoch"], df[f"{split}_error"], style, label=split)
         if f"{split}_loss" in df:
@@ -264,7 +277,7 @@ def plot_training(log_path, out_png: str) -> str:
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
             ax.yaxis.set_minor_formatter(log_minor())
     if "lr" in df:
-        ax_lr.plot(df["epoch"], df["lr"], color="tab:purple")
+        ax_lr.plot(df["epoch"], df["lr"], "-o" if len(df) == 1 else "-", color="tab:purple")
         if (df["lr"] > 0).all():
             ax_lr.set_yscale("log")
     ax_lr.set_ylabel("learning rate")
@@ -345,15 +358,20 @@ def place_labels(ax, xs, ys, texts, fontsize=7):
 
 
 def collect_sweep(checkpoint_dir: str) -> pd.DataFrame:
-    """One row per finished training run in a checkpoint folder: name, params, error (final
-    val error, %), epochs, method (teacher; blockswap for a genotype student; moonshine for a
-    uniform or reshaped student)."""
+    """One row per training run in a checkpoint folder: name, params, error (final val error,
+    %), epochs, method (teacher; blockswap for a genotype student; moonshine for a uniform or
+    reshaped student), finished (False while fewer epochs are done than the run asked for).
+    A file that is not a checkpoint of main.py is skipped with a warning."""
     from main import load_checkpoint   # main imports plots lazily too: no cycle at import
     rows = []
     for name in sorted(os.listdir(checkpoint_dir)):
         if not name.endswith(".t7"):
             continue
-        ckpt = load_checkpoint(os.path.join(checkpoint_dir, name))
+        try:
+            ckpt = load_checkpoint(os.path.join(checkpoint_dir, name))
+        except UserError as e:
+            print(f"warning: skipping {e}", file=sys.stderr)
+            continue
         if not ckpt.get("val_errors"):
             continue
         run_args = ckpt.get("args") or {}
@@ -363,10 +381,19 @@ def collect_sweep(checkpoint_dir: str) -> pd.DataFrame:
             method = "blockswap" if run_args.get("from_genotype") else "moonshine"
         params = count_state_params(ckpt["net"])
         rows.append({"name": name[:-3], "params": params, "error": ckpt["val_errors"][-1],
-                     "epochs": ckpt["epoch"], "method": method})
+                     "epochs": ckpt["epoch"], "method": method,
+                     "finished": ckpt["epoch"] >= run_args.get("epochs", ckpt["epoch"])})
     if not rows:
         raise UserError(f"{checkpoint_dir}: no finished training runs (*.t7 with val errors)")
     return pd.DataFrame(rows)
+
+
+def warn_unfinished(table: pd.DataFrame) -> None:
+    """Say which runs of a sweep table stopped before their last epoch."""
+    if "finished" in table and not table["finished"].all():
+        names = ", ".join(table.loc[~table["finished"], "name"].astype(str))
+        print(f"warning: unfinished runs (fewer epochs than asked; resume them with "
+              f"main.py --resume): {names}", file=sys.stderr)
 
 
 def plot_sweep(table, out_png: str) -> str:
@@ -456,12 +483,15 @@ def get_args_parser():
     p.add_argument("path")
     p.add_argument("--error", default="val_error", help="column of trained errors")
     for p in sub.choices.values():
-        p.add_argument("-o", "--out", default=None, help="PNG to write (default: PATH.png)")
+        p.formatter_class = HelpFormatter
+        p.add_argument("-o", "--out", default=None,
+                       help="picture to write, in the format its suffix names (default: PATH.png)")
     return parser
 
 
 def main(args):
     out = args.out or os.path.splitext(args.path)[0] + ".png"
+    image_format(out)   # a bad -o suffix fails before anything is written
     if args.what == "search":
         path = plot_search(args.path, out, args.param_goal, args.mac_goal, args.tol, args.score)
     elif args.what == "training":
@@ -474,6 +504,7 @@ def main(args):
             atomic_write(csv_path, lambda f: f.write(table.to_csv(index=False).encode()))
             print(table.to_string(index=False))
             print(f"wrote {csv_path}")
+            warn_unfinished(table)
             out = args.out or os.path.join(args.path, "sweep.png")
         path = plot_sweep(table, out)
     else:

@@ -25,15 +25,16 @@ from tqdm import tqdm
 import fisher_rank
 import main as trainer
 from count_ops import CostTable
-from funcs import get_datasets, run_cli, sample_genotypes, save_genotype, subset, subset_indices
+from funcs import (HelpFormatter, atomic_write, check_writable, get_datasets, pick_device,
+                   run_cli, sample_genotypes, save_genotype, subset, subset_indices)
 from loaders import Augment, add_loader_args, augmented_batches, choose_loader, tensor_images
-from models import SEARCH_SPACE, UserError, WideResNet
+from models import SEARCH_SPACE, UserError, WideResNet, load_block_module
 from proxies import PROXIES, get_proxy, spearman
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Rank correlation of zero-cost proxies with "
-                                "trained error", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                "trained error", formatter_class=HelpFormatter)
     p.add_argument("dataset", choices=["cifar10", "cifar100"])
     p.add_argument("--data_loc", required=True, help="CIFAR folder or ImageFolder root")
     p.add_argument("--wrn_depth", default=16, type=int)
@@ -52,6 +53,7 @@ def get_args_parser():
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="output folder (default results/study_<goal>)")
+    p.add_argument("--module", default=None, help="Python file that calls register_block()")
     return p
 
 
@@ -62,9 +64,10 @@ def out_dir(args) -> str:
     return os.path.join("results", f"study_{goal}")
 
 
-def fixed_minibatch(args, device):
-    """One seeded training minibatch: every candidate and proxy sees the same images."""
-    train_set, _, num_classes = get_datasets(args.dataset, args.data_loc)
+def fixed_minibatch(args, device, data=None):
+    """One seeded training minibatch: every candidate and proxy sees the same images.
+    `data`: get_datasets' answer, when already read."""
+    train_set, _, num_classes = data or get_datasets(args.dataset, args.data_loc)
     if choose_loader(args.loader, args.dataset, [train_set]) == "tensor":
         data = tensor_images(train_set, args.workers, args.cache_dir)
         data = data.subset(subset_indices(len(data), args.train_subset, args.seed)).to(device)
@@ -104,20 +107,44 @@ def train(args, genotype, index, folder) -> float:
             "--batch_size", str(args.batch_size), "--train_subset", str(args.train_subset),
             "--val_subset", str(args.val_subset), "--workers", str(args.workers),
             "--seed", str(args.seed + index), "--device", args.device, "--overwrite",
-            "--loader", args.loader] + (["--cache_dir", args.cache_dir] if args.cache_dir else [])
+            "--loader", args.loader,
+            *(["--cache_dir", args.cache_dir] if args.cache_dir else []),
+            *(["--module", args.module] if args.module else [])]
     trainer.main(trainer.get_args_parser().parse_args(argv))
     ckpt = trainer.load_checkpoint(os.path.join(folder, "checkpoints", name + ".t7"))
     return float(ckpt["val_errors"][-1])
 
 
 def read_done(path, columns):
-    if not os.path.isfile(path):
-        return {}
-    df = pd.read_csv(path)
-    if list(df.columns) != columns:
-        raise UserError(f"{path} has columns {list(df.columns)}, this study writes {columns}; "
+    """{index: row} of the candidates already in study.csv. A file that is missing or empty
+    (killed before its first row) starts afresh with the header; a torn last line (killed
+    mid-write) is dropped. The file then holds the header and whole rows only."""
+    text = open(path).read() if os.path.isfile(path) else ""
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines = lines[:-1]
+    if not lines:
+        lines = [",".join(columns) + "\n"]
+    if "".join(lines) != text:
+        atomic_write(path, lambda f: f.write("".join(lines).encode()))
+    rows = list(csv.reader(lines))
+    if rows[0] != columns:
+        raise UserError(f"{path} has columns {rows[0]}, this study writes {columns}; "
                         "use another --out")
-    return {int(r["index"]): r for _, r in df.iterrows()}
+    bad = [k + 2 for k, r in enumerate(rows[1:]) if len(r) != len(columns)]
+    if bad:
+        raise UserError(f"{path}: line {bad[0]} does not have {len(columns)} fields; "
+                        "remove it to resume")
+    return {int(r[0]): dict(zip(columns, r)) for r in rows[1:]}
+
+
+def validate(args) -> None:
+    """Refuse out-of-range numbers before anything is written."""
+    for key in ("candidates", "epochs", "batch_size", "train_subset", "val_subset"):
+        if getattr(args, key) < 1:
+            raise UserError(f"--{key} {getattr(args, key)}: must be at least 1")
+    if not args.lr > 0:
+        raise UserError(f"--lr {args.lr}: must be a positive number")
 
 
 def check_settings(folder, args):
@@ -143,15 +170,21 @@ def summarise(df, names, args, seconds) -> str:
 
 
 def main(args):
+    # Everything that can fail on bad input comes before settings.json is written.
+    validate(args)
+    if args.module:
+        load_block_module(args.module)
     names = [n.strip() for n in args.proxies.split(",") if n.strip()]
     for n in names:
         get_proxy(n)
     folder = out_dir(args)
-    check_settings(folder, args)
-    device = torch.device(args.device)
+    device = pick_device(args.device)
     table = CostTable.for_wrn(args.wrn_depth, args.wrn_width, names=SEARCH_SPACE)
     genotypes = sample_genotypes(table, args.candidates, args.param_goal, args.mac_goal,
                                  seed=args.seed)
+    data = get_datasets(args.dataset, args.data_loc)
+    check_writable(folder, "--out")
+    check_settings(folder, args)
     base = ["index", "convs", "params", "macs"]
     extra = [n for n in names if n not in base]   # the `params` proxy is the params column
     columns = [*base, *extra, "val_error", "train_seconds"]
@@ -160,13 +193,11 @@ def main(args):
     batch = None
     start = time.time()
     with open(path, "a", newline="") as f:
-        writer = csv.writer(f)
-        if not done:
-            writer.writerow(columns)
+        writer = csv.writer(f, lineterminator="\n")
         for i, genotype in enumerate(tqdm(genotypes, desc="study")):
             if i in done:
                 continue
-            batch = batch or fixed_minibatch(args, device)
+            batch = batch or fixed_minibatch(args, device, data)
             scores = score(args, genotype, i, names, batch, device)
             t0 = time.time()
             error = train(args, genotype, i, folder)

@@ -2,6 +2,8 @@
 # BlockSwap at the paper's budgets: for each parameter goal, rank random genotypes within
 # +-2.5% by Fisher potential (fisher_rank.py), then train the best as a student of the teacher
 # with attention transfer (main.py). The teacher is trained first if its checkpoint is missing.
+# A run with a checkpoint is resumed (main.py --resume): a run killed before its last epoch is
+# continued, a larger EPOCHS extends it, and a finished one is left as it is.
 # Ends with the sweep table and error-vs-params plot of the checkpoint folder.
 #
 #   bash bash/blockswap.sh                        # the full sweep on GPU 0
@@ -32,19 +34,20 @@ if [ "$QUICK" = 1 ]; then
   SAMPLES=8
   EPOCHS=1
   CHECKPOINTS=${QUICK_CHECKPOINTS:-checkpoints/quick}   # quick runs never mix with real ones
-  OUT=results/quick
-  GENOTYPES=results/quick/genotypes
+  OUT=${QUICK_OUT:-results/quick}                       # search results and genotypes
+  GENOTYPES=$OUT/genotypes
   EXTRA="$EXTRA --train_subset 256 --val_subset 128 --batch_size 64 --device cpu --workers 0"
   SEARCH_EXTRA="$SEARCH_EXTRA --batch_size 64 --device cpu"
 fi
 
 say() { if [ "$DRY_RUN" = 1 ]; then echo "$*"; else "$@"; fi; }
+# --resume when the run has a checkpoint: main.py finishes or extends it, or says it is done
+resume() { if [ -f "$CHECKPOINTS/$1.t7" ]; then echo --resume; fi; }
 
-if [ "$DRY_RUN" = 1 ] || [ ! -f "$CHECKPOINTS/$TEACHER.t7" ]; then
-  # shellcheck disable=SC2086
-  say python main.py "$DATASET" teacher --conv Conv -t "$TEACHER" --wrn_depth 40 --wrn_width 2 \
-    --cifar_loc="$DATA" --epochs "$EPOCHS" --checkpoint_dir "$CHECKPOINTS" $EXTRA --GPU "$GPU"
-fi
+# shellcheck disable=SC2086,SC2046
+say python main.py "$DATASET" teacher --conv Conv -t "$TEACHER" --wrn_depth 40 --wrn_width 2 \
+  --cifar_loc="$DATA" --epochs "$EPOCHS" --checkpoint_dir "$CHECKPOINTS" $EXTRA --GPU "$GPU" \
+  $(resume "$TEACHER")
 
 for goal in $BUDGETS; do
   best="$GENOTYPES/blockswap_$goal.csv"
@@ -53,11 +56,11 @@ for goal in $BUDGETS; do
   say python fisher_rank.py "$DATASET" --data_loc="$DATA" --param_goal "$goal" \
     --samples "$SAMPLES" --results_dir "$OUT" --genotype_dir "$GENOTYPES" --best_file "$best" \
     --save_file "$ARCHS" $SEARCH_EXTRA
-  if [ "$DRY_RUN" != 1 ] && [ -f "$CHECKPOINTS/$student.t7" ]; then continue; fi
-  # shellcheck disable=SC2086
+  # shellcheck disable=SC2086,SC2046
   say python main.py "$DATASET" student -t "$TEACHER" -s "$student" --wrn_depth 40 --wrn_width 2 \
     --cifar_loc="$DATA" --from_genotype "$best" --epochs "$EPOCHS" \
-    --checkpoint_dir "$CHECKPOINTS" ${DISTILL:+--distill "$DISTILL"} $EXTRA --GPU "$GPU"
+    --checkpoint_dir "$CHECKPOINTS" ${DISTILL:+--distill "$DISTILL"} $EXTRA --GPU "$GPU" \
+    $(resume "$student")
 done
 
 say python plots.py sweep "$CHECKPOINTS"

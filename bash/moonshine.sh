@@ -3,6 +3,8 @@
 # WRN-40-2 number t, train uniform students of every cheap block type, plus the WRN-16-2,
 # WRN-16-1 and WRN-40-1 students, all with attention transfer from checkpoints/wrn_40_2_$t.t7
 # (the teacher is trained first if its checkpoint is missing). No search: no archs file is read.
+# A run with a checkpoint is resumed (main.py --resume): a run killed before its last epoch is
+# continued, a larger EPOCHS extends it, and a finished one is left as it is.
 #
 #   bash bash/moonshine.sh                        # the full sweep, sequentially on GPU 0
 #   GPUS="0 1 2 3" bash bash/moonshine.sh         # one run per GPU at a time
@@ -53,27 +55,26 @@ run() {  # run GPU_ID ARGS...
   fi
 }
 next_gpu() { echo "${GPU_LIST[$(( slot % ${#GPU_LIST[@]} ))]}"; }
-# Skip finished runs: a completed checkpoint exists (main.py refuses to overwrite it).
-done_run() { [ "$DRY_RUN" != 1 ] && [ -f "$CHECKPOINTS/$1.t7" ]; }
+# --resume when the run has a checkpoint: main.py finishes or extends it, or says it is done
+resume() { if [ -f "$CHECKPOINTS/$1.t7" ]; then echo --resume; fi; }
 
 for t in $TEACHERS; do
-  if ! done_run "wrn_40_2_$t"; then
-    # shellcheck disable=SC2086
-    run "$(next_gpu)" $DATASET teacher --conv Conv -t "wrn_40_2_$t" --wrn_depth 40 --wrn_width 2 $COMMON
-    wait
-  fi
+  # shellcheck disable=SC2086,SC2046
+  run "$(next_gpu)" $DATASET teacher --conv Conv -t "wrn_40_2_$t" --wrn_depth 40 --wrn_width 2 \
+    $COMMON $(resume "wrn_40_2_$t")
+  wait
   for conv in $CONVS; do
-    done_run "wrn_40_2_$t.$conv$M" && continue
-    # shellcheck disable=SC2086
+    # shellcheck disable=SC2086,SC2046
     run "$(next_gpu)" $DATASET student --moonshine --conv "$conv" -t "wrn_40_2_$t" \
-      -s "wrn_40_2_$t.$conv$M" --wrn_depth 40 --wrn_width 2 $COMMON $STUDENT
+      -s "wrn_40_2_$t.$conv$M" --wrn_depth 40 --wrn_width 2 $COMMON $STUDENT \
+      $(resume "wrn_40_2_$t.$conv$M")
   done
   for shape in $SHAPES; do
-    done_run "wrn_${shape}_$t$M" && continue
-    # shellcheck disable=SC2086
+    # shellcheck disable=SC2086,SC2046
     run "$(next_gpu)" $DATASET student --moonshine --conv Conv -t "wrn_40_2_$t" \
       -s "wrn_${shape}_$t$M" --wrn_depth 40 --wrn_width 2 --diff_shape \
-      --stu_depth "${shape%_*}" --stu_width "${shape#*_}" $COMMON $STUDENT
+      --stu_depth "${shape%_*}" --stu_width "${shape#*_}" $COMMON $STUDENT \
+      $(resume "wrn_${shape}_$t$M")
   done
   wait
 done

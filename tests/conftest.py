@@ -76,3 +76,28 @@ def cifar_no_md5(monkeypatch):
     """Our generated pickles are not the real files: skip torchvision's md5 check only."""
     import torchvision.datasets.cifar as C
     monkeypatch.setattr(C, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+
+
+REPO_OUTPUTS = ("archs", "checkpoints", "genotypes", "results")
+
+
+def _repo_outputs():
+    """{path: (size, mtime)} of every file under the repository's output folders."""
+    out = {}
+    for top in REPO_OUTPUTS:
+        for d, _, names in os.walk(os.path.join(ROOT, top)):
+            for n in names:
+                p = os.path.join(d, n)
+                out[os.path.relpath(p, ROOT)] = (os.path.getsize(p), os.path.getmtime(p))
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repo_outputs_untouched():
+    """Tests write only under tmp_path: the repository's archs/, checkpoints/, genotypes/ and
+    results/ are the same after the session as before it."""
+    before = _repo_outputs()
+    yield
+    after = _repo_outputs()
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    assert not changed, f"tests wrote into the repository: {changed}"

@@ -68,7 +68,9 @@ def test_blockswap_searches_then_trains_each_budget():
                                                    "cifar10-jpeg")), reason="no real CIFAR-10")
 def test_quick_blockswap_end_to_end(tmp_path):
     """The README's quick pipeline on real CIFAR-10 (a few minutes on a CPU)."""
-    env = {**os.environ, "QUICK": "1", "BUDGETS": "162000", "QUICK_CHECKPOINTS": str(tmp_path)}
+    env = {**os.environ, "QUICK": "1", "BUDGETS": "162000", "QUICK_CHECKPOINTS": str(tmp_path),
+           "QUICK_OUT": str(tmp_path / "results"),   # nothing written into the repository
+           "SEARCH_EXTRA": f"--save_file {tmp_path / 'archs.csv'}"}   # nor read from it
     subprocess.run(["bash", "bash/blockswap.sh"], cwd=ROOT, check=True, env=env)
     assert os.path.getsize(tmp_path / "sweep.png") > 0
     assert os.path.isfile(tmp_path / "wrn_40_2_bs162000.t7")
