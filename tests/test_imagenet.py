@@ -31,7 +31,7 @@ def test_resnet34_teacher_student_and_search(tmp_path, tiny_imagefolder):
     args = fisher_rank.get_args_parser().parse_args(
         ["imagenet", "--data_loc", tiny_imagefolder, "--param_goal", "3000000", "--samples", "2",
          "--batch_size", "4", "--results_dir", str(tmp_path / "r"),
-         "--genotype_dir", str(tmp_path / "g"), "--save_file", str(tmp_path / "archs.csv"),
+         "--genotype_dir", str(tmp_path / "g"), "--save_file", "none",
          "--no-plot"])
     summary = fisher_rank.main(args)
     assert len(summary["best_genotype"]) == 16
