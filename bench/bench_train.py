@@ -1,7 +1,8 @@
 """Training throughput (images/s) of main.py's train step: fp32 NCHW against the default
 precision (--amp auto) on this machine; prints, no asserts.
 
-    nice python bench/bench_train.py [--iters 3] [--rounds 3] [--batch 128] [--threads N] [--device cpu]
+    nice python bench/bench_train.py [--iters 3] [--rounds 3] [--batch 128] [--threads N]
+                                     [--device cpu]
 
 For the WRN-16-2 and WRN-40-2 teachers (cross-entropy) and a WRN-16-2 student of a WRN-40-2
 teacher (attention transfer, teacher forward included), the two settings are timed in turns

@@ -43,6 +43,7 @@ def get_args_parser():
     p.add_argument("--quick", action="store_true", help="CPU, tiny sizes: a smoke test")
     p.add_argument("--device", default=None, help="default: cuda (cpu with --quick)")
     p.add_argument("--budget_s", default=330.0, type=float, help="stop starting rows after this")
+    p.add_argument("--row_s", default=240.0, type=float, help="time limit of one row")
     p.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
     p.add_argument("--amps", nargs="+", default=["off", "bf16"])
     p.add_argument("--compiles", nargs="+", default=["off", "on"], choices=["off", "on"])
@@ -130,17 +131,18 @@ def measure(ctx, args):
                 for loader in args.loaders:
                     key = (network, amp, compile, loader)
                     speeds[key] = "not run" if left() < 20 else train_speed(
-                        ctx, network, amp, compile, loader, ctx["size"]["subset"], min(left(), 240))
+                        ctx, network, amp, compile, loader, ctx["size"]["subset"],
+                        min(left(), args.row_s))
                     print(f"  {key}: {speeds[key]}", file=sys.stderr, flush=True)
         if compile == "off":
             best = "tensor" if ctx["loader_flag"] else "pil"
             if not args.no_epoch and left() > 20:
                 s = train_speed(ctx, "WRN-40-2 teacher", args.amps[-1], "off", best, None,
-                                min(left(), 240))
+                                min(left(), args.row_s))
                 epoch = (ctx["size"]["train"] / s, args.amps[-1], best) \
                     if isinstance(s, float) else s
             if not args.no_search and left() > 20:
-                search = search_seconds(ctx, min(left(), 240))
+                search = search_seconds(ctx, min(left(), args.row_s))
     return speeds, epoch, search
 
 

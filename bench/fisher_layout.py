@@ -33,7 +33,8 @@ def main():
     p.add_argument("--batch_size", type=int, default=128)
     args = p.parse_args()
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(args.batch_size, 3, 32, 32, generator=g), torch.randint(10, (args.batch_size,), generator=g)
+    x = torch.randn(args.batch_size, 3, 32, 32, generator=g)
+    y = torch.randint(10, (args.batch_size,), generator=g)
     names, rng = sorted(BLOCK_TYPES), random.Random(0)
     worst, seconds = 0.0, {"nchw": 0.0, "channels_last": 0.0}
     for c in range(args.candidates):

@@ -1,7 +1,6 @@
 """--amp, channels_last and --compile on CPU: the selection logic (capability check mocked, so
 both branches run on any machine), bf16 and fp16 (GradScaler) training steps, exact resume
 under bf16, and a compiled step against the eager one."""
-import argparse
 
 import pytest
 import torch
