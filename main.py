@@ -115,8 +115,15 @@ def get_args_parser():
     # hardware
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best present)")
     p.add_argument("--GPU", default=None, help="sets CUDA_VISIBLE_DEVICES, e.g. '0,1'")
-    p.add_argument("--no_amp", action="store_true", help="no mixed precision on CUDA")
-    p.add_argument("--no_channels_last", action="store_true", help="NCHW memory format on CUDA")
+    p.add_argument("--amp", default="auto", choices=sorted(AMP_CHOICES),
+                   help="autocast precision; auto: bf16 on CUDA where supported, else fp16 with "
+                        "a GradScaler; bf16 on a CPU with native bf16 (AVX512-BF16 or AMX), "
+                        "else off")
+    p.add_argument("--no_amp", action="store_true", help="same as --amp off")
+    p.add_argument("--no_channels_last", action="store_true",
+                   help="NCHW memory format (channels_last is the default on CUDA and with "
+                        "CPU bf16)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the trained network")
     p.add_argument("--print_freq", default=10, type=int, help="progress bar refresh, in steps")
     p.add_argument("--plot", default=True, action=argparse.BooleanOptionalAction,
                    help="draw <name>.png (error, loss, lr curves) beside the log every epoch")
@@ -160,6 +167,39 @@ def validate_args(args) -> None:
 # Hardware: device, processes, mixed precision.
 # --------------------------------------------------------------------------------------------
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls/convolutions run natively (oneDNN), about 2x fp32.
+    (torch.ops.mkldnn._is_mkldnn_bf16_supported() is also true for plain AVX512, where bf16
+    is emulated and no faster.)"""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def cuda_auto_amp(device: torch.device) -> Optional[torch.dtype]:
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def cpu_auto_amp(device: torch.device) -> Optional[torch.dtype]:
+    return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+# --amp auto per device type: what is fast and safe there (others, e.g. MPS: fp32).
+AUTO_AMP = {"cuda": cuda_auto_amp, "cpu": cpu_auto_amp}
+AMP_CHOICES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+AMP_NAMES = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}   # --amp values
+
+
+def resolve_precision(device: torch.device, amp: str, no_channels_last: bool = False):
+    """(autocast dtype or None, channels_last) for a run on `device` with --amp `amp`.
+    channels_last goes with autocast where it pays: always on CUDA, with bf16 on CPU."""
+    if amp == "auto":
+        auto = AUTO_AMP.get(device.type)
+        dtype = auto(device) if auto else None
+    else:
+        dtype = AMP_CHOICES[amp]
+    fast_layout = device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16)
+    return dtype, fast_layout and not no_channels_last
+
+
 @dataclass
 class Runtime:
     device: torch.device
@@ -167,18 +207,41 @@ class Runtime:
     world: int = 1
     amp_dtype: Optional[torch.dtype] = None   # None: fp32
     channels_last: bool = False
+    compile: bool = False                     # torch.compile the trained network
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.preserve_format
+
+    def precision(self) -> str:
+        """For the start-up line, e.g. 'bf16 autocast, channels_last'."""
+        amp = f"{AMP_NAMES[self.amp_dtype]} autocast" if self.amp_dtype else "fp32"
+        return (f"{amp}{' + GradScaler' if self.amp_dtype == torch.float16 else ''}, "
+                f"{'channels_last' if self.channels_last else 'NCHW'}"
+                f"{', compiled' if self.compile else ''}")
+
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype,
                               enabled=self.amp_dtype is not None)
 
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Loss scaling for fp16 only (its small range underflows gradients); a no-op else."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+    def place(self, model: nn.Module, compile: bool = False) -> nn.Module:
+        """Move to the device in the run's memory format; compile in place (its state_dict
+        keeps its names) when asked."""
+        model.to(self.device, memory_format=self.memory_format)
+        if compile and self.compile:
+            model.compile()
+        return model
+
     def images(self, x: torch.Tensor) -> torch.Tensor:
-        fmt = torch.channels_last if self.channels_last else torch.preserve_format
-        return x.to(self.device, non_blocking=True, memory_format=fmt)
+        return x.to(self.device, non_blocking=True, memory_format=self.memory_format)
 
     def print(self, *a):
         if self.main:
@@ -186,7 +249,7 @@ class Runtime:
 
 
 def setup_runtime(args) -> Runtime:
-    """Device, and the process group when launched by torchrun (RANK/WORLD_SIZE set)."""
+    """Device, precision, and the process group when launched by torchrun (RANK/WORLD_SIZE set)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(args.device, local_rank)
@@ -195,11 +258,9 @@ def setup_runtime(args) -> Runtime:
         torch.backends.cudnn.benchmark = True
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    amp_dtype = None
-    if device.type == "cuda" and not args.no_amp:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return Runtime(device, rank, world, amp_dtype,
-                   channels_last=device.type == "cuda" and not args.no_channels_last)
+    amp_dtype, channels_last = resolve_precision(device, "off" if args.no_amp else args.amp,
+                                                 args.no_channels_last)
+    return Runtime(device, rank, world, amp_dtype, channels_last, compile=args.compile)
 
 
 # --------------------------------------------------------------------------------------------
@@ -614,6 +675,18 @@ def extend_schedule(scheduler, optimizer, args) -> None:
     scheduler._last_lr = lrs
 
 
+def record_precision(args, rt: Runtime, ckpt: Optional[dict]) -> None:
+    """Put the resolved precision into args (saved in every checkpoint): --amp auto becomes
+    what it chose. A resumed run repeats the interrupted one exactly only in the same precision."""
+    resolved = {"amp": AMP_NAMES[rt.amp_dtype],
+                "channels_last": rt.channels_last}
+    saved = ckpt.get("args", {}) if ckpt else {}
+    if "amp" in saved and saved["amp"] != resolved["amp"]:
+        rt.print(f"resume: the checkpoint was trained with --amp {saved['amp']}, this run uses "
+                 f"--amp {resolved['amp']} (pass --amp {saved['amp']} to continue it exactly)")
+    vars(args).update(resolved)
+
+
 def load_teacher(args, num_classes: int) -> nn.Module:
     """The frozen teacher: rebuilt from its checkpoint, eval mode, no gradients."""
     path = os.path.join(args.checkpoint_dir, args.teacher_checkpoint + ".t7")
@@ -775,10 +848,8 @@ def train(args, rt: Runtime):
 
     torch.manual_seed(args.seed)   # same initial weights in every process and every rerun
     model = model_from_checkpoint(ckpt, paths[0]) if ckpt else new_model(args, num_classes, teacher)
-    fmt = torch.channels_last if rt.channels_last else torch.preserve_format
-    model.to(rt.device, memory_format=fmt)
-    optimizer, scaler = make_optimizer(model, args), torch.amp.GradScaler(
-        rt.device.type, enabled=rt.amp_dtype == torch.float16)
+    rt.place(model, compile=True)
+    optimizer, scaler = make_optimizer(model, args), rt.grad_scaler()
     scheduler = make_scheduler(optimizer, args)
     history = {k: [] for k in ("train_losses", "train_errors", "val_losses", "val_errors")}
     log_rows, start_epoch = [], 0
@@ -790,14 +861,14 @@ def train(args, rt: Runtime):
         history = {k: list(ckpt.get(k, [])) for k in history}
         log_rows, start_epoch = list(ckpt.get("log", [])), ckpt["epoch"]
 
-    rt.print(f"{args.mode} {name}: {describe(model)} on {rt.device} x{rt.world}"
-             f"{', ' + str(rt.amp_dtype).split('.')[-1] if rt.amp_dtype else ''}"
-             f"{f', resuming after epoch {start_epoch}' if ckpt else ''}")
+    record_precision(args, rt, ckpt)
+    rt.print(f"{args.mode} {name}: {describe(model)} on {rt.device} x{rt.world}, "
+             f"{rt.precision()}{f', resuming after epoch {start_epoch}' if ckpt else ''}")
     if rt.device.type == "cuda" and rt.world == 1 and torch.cuda.device_count() > 1:
         rt.print(f"{torch.cuda.device_count()} GPUs visible, 1 used: launch with torchrun "
                  f"--nproc_per_node {torch.cuda.device_count()} main.py ... to use them all")
     if teacher is not None:
-        teacher.to(rt.device, memory_format=fmt)
+        rt.place(teacher)
         rt.print(f"teacher {args.teacher_checkpoint}: {describe(teacher)}, "
                  f"val error {validate(teacher, val_loader, rt)[1]:.2f}%")
         loss_fn = make_student_loss_fn(teacher, args)

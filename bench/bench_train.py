@@ -1,10 +1,14 @@
-"""Training throughput (images/s) of main.py's train step on this machine; prints, no asserts.
+"""Training throughput (images/s) of main.py's train step: fp32 NCHW against the default
+precision (--amp auto) on this machine; prints, no asserts.
 
-    python bench/bench_train.py [--iters 3] [--batch 128] [--threads N] [--device cpu]
+    nice python bench/bench_train.py [--iters 3] [--rounds 3] [--batch 128] [--threads N]
+                                     [--device cpu]
 
-Each line times `iters` SGD steps on random 32x32 batches (after one warm-up step) through
-main.train_one_epoch: teachers WRN-16-2 and WRN-40-2 (cross-entropy), and a WRN-16-2 student
-of a WRN-40-2 teacher (attention transfer, teacher forward included).
+For the WRN-16-2 and WRN-40-2 teachers (cross-entropy) and a WRN-16-2 student of a WRN-40-2
+teacher (attention transfer, teacher forward included), the two settings are timed in turns
+(`rounds` x `iters` SGD steps each on random 32x32 batches, after one warm-up step), so a load
+that comes and goes hits both alike. Last line (WRN-16-2 teacher):
+`<device>: fp32 <a> img/s, default <b> img/s, ratio <r>x`.
 """
 import argparse
 import os
@@ -18,48 +22,70 @@ import main as M  # noqa: E402
 from funcs import pick_device  # noqa: E402
 
 
-def steps_per_second(model, loss_fn, batches, rt):
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
-    M.train_one_epoch(model, batches[:1], optimizer, scaler, rt, loss_fn)   # warm-up
+def timed_steps(model, loss_fn, batches, rt, optimizer, scaler):
+    """Seconds for one pass over `batches` through main.train_one_epoch (its .tolist() syncs)."""
     if rt.device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(rt.device)
     start = time.perf_counter()
-    M.train_one_epoch(model, batches, optimizer, scaler, rt, loss_fn)      # .tolist() syncs
-    return len(batches) / (time.perf_counter() - start)
+    M.train_one_epoch(model, batches, optimizer, scaler, rt, loss_fn)
+    return time.perf_counter() - start
+
+
+def compare(make_model, make_loss, batches, runtimes, rounds):
+    """{name: images/s} of each runtime, timed in turns on identically initialised models."""
+    setups = {}
+    for name, rt in runtimes.items():
+        torch.manual_seed(0)
+        model = rt.place(make_model())
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        setups[name] = (model, make_loss(rt), rt, optimizer, rt.grad_scaler())
+        timed_steps(model, setups[name][1], batches[:1], rt, optimizer, setups[name][4])  # warm-up
+    seconds = {name: 0.0 for name in runtimes}
+    for _ in range(rounds):
+        for name, (model, loss_fn, rt, optimizer, scaler) in setups.items():
+            seconds[name] += timed_steps(model, loss_fn, batches, rt, optimizer, scaler)
+    images = rounds * sum(len(t) for t, _ in batches)
+    return {name: images / s for name, s in seconds.items()}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--iters", type=int, default=3, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3, help="turns of each setting")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default=None)
-    p.add_argument("--no_amp", action="store_true")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    amp = (torch.bfloat16 if device.type == "cuda" and not args.no_amp else None)
-    rt = M.Runtime(device, amp_dtype=amp, channels_last=device.type == "cuda")
+    amp, channels_last = M.resolve_precision(device, "auto")
+    runtimes = {"fp32": M.Runtime(device),
+                "default": M.Runtime(device, amp_dtype=amp, channels_last=channels_last)}
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(args.batch, 3, 32, 32, generator=g),
                 torch.randint(10, (args.batch,), generator=g)) for _ in range(args.iters)]
     print(f"device {device}, {torch.get_num_threads()} CPU threads, batch {args.batch}, "
-          f"{args.iters} timed steps after 1 warm-up, amp {amp}")
+          f"{args.rounds} rounds x {args.iters} steps per setting; fp32 = fp32, NCHW; "
+          f"default = {runtimes['default'].precision()}")
 
-    fmt = torch.channels_last if rt.channels_last else torch.preserve_format
-    torch.manual_seed(0)
-    teacher40 = M.build_model("wrn", "Conv", 10, 40, 2).to(device, memory_format=fmt)
-    for name, depth in (("WRN-16-2 teacher", 16), ("WRN-40-2 teacher", 40)):
-        model = M.build_model("wrn", "Conv", 10, depth, 2).to(device, memory_format=fmt)
-        sps = steps_per_second(model, M.teacher_loss_fn, batches, rt)
-        print(f"{name:<32} {sps * args.batch:8.1f} img/s  ({1 / sps:.2f} s/step)")
-    teacher40.eval().requires_grad_(False)
-    student = M.build_model("wrn", "Conv", 10, 16, 2).to(device, memory_format=fmt)
-    loss_fn = M.make_student_loss_fn(teacher40, 0.0, 4.0, 1e3)
-    sps = steps_per_second(student, loss_fn, batches, rt)
-    print(f"{'WRN-16-2 student of WRN-40-2':<32} {sps * args.batch:8.1f} img/s  ({1 / sps:.2f} s/step)")
+    def teacher40():
+        torch.manual_seed(1)
+        return M.build_model("wrn", "Conv", 10, 40, 2).eval().requires_grad_(False)
+    cases = [("WRN-16-2 teacher", lambda: M.build_model("wrn", "Conv", 10, 16, 2),
+              lambda rt: M.teacher_loss_fn),
+             ("WRN-40-2 teacher", lambda: M.build_model("wrn", "Conv", 10, 40, 2),
+              lambda rt: M.teacher_loss_fn),
+             ("WRN-16-2 student of WRN-40-2", lambda: M.build_model("wrn", "Conv", 10, 16, 2),
+              lambda rt: M.make_student_loss_fn(rt.place(teacher40()), 0.0, 4.0, 1e3))]
+    first = None
+    for name, make_model, make_loss in cases:
+        speed = compare(make_model, make_loss, batches, runtimes, args.rounds)
+        first = first or speed
+        print(f"{name:<30} fp32 {speed['fp32']:8.1f} img/s  default {speed['default']:8.1f} "
+              f"img/s  ({speed['default'] / speed['fp32']:.2f}x)", flush=True)
+    print(f"{device.type}: fp32 {first['fp32']:.0f} img/s, default {first['default']:.0f} img/s, "
+          f"ratio {first['default'] / first['fp32']:.2f}x")
 
 
 if __name__ == "__main__":
