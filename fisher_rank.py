@@ -29,23 +29,24 @@ from tqdm import tqdm
 
 from count_ops import CostTable
 from funcs import (NUM_CLASSES, atomic_write, budget_window, count_genotypes,
-                   distributed_teardown, fisher_scores, get_datasets, parse_convs, pick_device,
+                   distributed_teardown, get_datasets, parse_convs, pick_device,
                    run_cli, sample_genotypes, save_genotype)
 from models import (BLOCK_TYPES, SEARCH_SPACE, ResNet, UserError, WideResNet,
                     load_block_module)
 from models.resnet import LAYERS
 
-try:
-    from proxies import PROXIES, get_proxy
-except ImportError:  # proxies.py absent: Fisher potential only
-    PROXIES = {"fisher": lambda net, x, y: float(fisher_scores(net, x, y).sum())}
-
-    def get_proxy(name):
-        if name not in PROXIES:
-            raise UserError(f"unknown proxy {name!r}; valid names: " + ", ".join(PROXIES))
-        return PROXIES[name]
+from proxies import PROXIES, ProxySpec, finite, get_proxy
 
 DEFAULT_PARAM_GOAL = 800_000   # the original's default when no goal is given
+
+
+def proxy_arg(text: str) -> str:
+    """argparse type of --proxy: checks names and ensembles at parse time (ProxySpec)."""
+    try:
+        ProxySpec(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def get_args_parser():
@@ -69,8 +70,10 @@ def get_args_parser():
     p.add_argument("--minibatches", default=1, type=int, help="scores summed over this many")
     p.add_argument("--resample_batch", action="store_true",
                    help="a different minibatch per candidate (default: one shared, fair)")
-    p.add_argument("--proxy", default="fisher", choices=sorted(PROXIES),
-                   help="scoring function (proxies.py); higher is better")
+    p.add_argument("--proxy", default="fisher", type=proxy_arg,
+                   help="scoring function (proxies.py; higher is better): "
+                        f"{', '.join(PROXIES)}; an ensemble 'vote' or 'rank:a+b+c'; or a "
+                        "comma-separated list, one column each, ranked by the first")
     p.add_argument("--top_n", default=1, type=int, help="genotype files kept for the best n")
     p.add_argument("--workers", default=0, type=int, help="data loading processes")
     p.add_argument("--device", default="auto",
@@ -89,6 +92,15 @@ def get_args_parser():
                    help="also write the best genotype here (a fixed name for sweep scripts)")
     p.add_argument("--plot", default=True, action=argparse.BooleanOptionalAction,
                    help="draw results/<proxy>_at_<goal>.png: score against params and MACs")
+    p.add_argument("--rerank", default=0, type=int,
+                   help="then train the top K for --rerank_epochs with main.py and rank them by "
+                        "validation error (results/<proxy>_at_<goal>_rerank.csv)")
+    p.add_argument("--rerank_epochs", default=2, type=int, help="epochs per re-ranked candidate")
+    p.add_argument("--rerank_lr", default=0.1, type=float, help="main.py --lr (cosine schedule)")
+    p.add_argument("--rerank_train_subset", default=None, type=int,
+                   help="main.py --train_subset for the re-rank (default: all images)")
+    p.add_argument("--rerank_val_subset", default=None, type=int,
+                   help="main.py --val_subset for the re-rank (default: all images)")
     return p
 
 
@@ -229,10 +241,11 @@ def read_rows(path, score_col):
         text = text[:text.rfind("\n") + 1]
         atomic_write(path, lambda f: f.write(text.encode()))
     rows = {}
+    score_cols = [score_col] if isinstance(score_col, str) else score_col
     for r in csv.DictReader(text.splitlines()):
         rows[int(r["index"])] = {"index": int(r["index"]), "convs": parse_convs(r["convs"]),
                                  "params": int(r["params"]), "macs": int(r["macs"]),
-                                 score_col: float(r[score_col])}
+                                 **{c: float(r[c]) for c in score_cols}}
     return rows
 
 
@@ -335,8 +348,10 @@ def merge_shards(path, score_col, columns):
 def score_all(args, todo, genotypes, table, num_classes, train_set, device, out_path,
               columns, best, on_new_best, show):
     """Score candidates `todo` (indices), appending each to out_path. Returns the count."""
-    proxy = get_proxy(args.proxy)
-    score_col = args.proxy
+    spec = ProxySpec(args.proxy)
+    # the `params` proxy is the params column (count_ops), not a second one
+    fns = {name: get_proxy(name) for name in spec.columns if name != "params"}
+    score_col = spec.ranker if spec.ranker in spec.columns else None   # ensembles rank last
     shared = None if args.resample_batch else load_batches(train_set, args, args.seed, device)
     writer = ResultsWriter(out_path, columns)
     bar = tqdm(todo, disable=not show, desc=f"{args.proxy} at {goal_label(args)}")
@@ -347,8 +362,10 @@ def score_all(args, todo, genotypes, table, num_classes, train_set, device, out_
             net = make_candidate(args, genotypes[i], num_classes, key, device)
             params, macs = table.cost(genotypes[i])
             row = {"index": i, "convs": genotypes[i], "params": params, "macs": macs,
-                   score_col: score_candidate(net, batches, proxy)}
+                   **{name: score_candidate(net, batches, fn) for name, fn in fns.items()}}
             writer.write_row(row)
+            if score_col is None:
+                continue
             if best is None or row[score_col] > best[score_col]:
                 best = row
                 on_new_best(row)
@@ -361,12 +378,13 @@ def score_all(args, todo, genotypes, table, num_classes, train_set, device, out_
 def genotype_path(args, row):
     """genotypes/<goal>_<index>.csv as the original; other proxies prefix their name, so a
     comparison run never overwrites the Fisher search's files."""
-    prefix = "" if args.proxy == "fisher" else f"{args.proxy}_"
+    prefix = "" if args.proxy == "fisher" else f"{ProxySpec(args.proxy).label}_"
     return os.path.join(args.genotype_dir, f"{prefix}{goal_label(args)}_{row['index']}.csv")
 
 
 def save_best(args, row):
-    save_genotype(genotype_path(args, row), row["convs"], row[args.proxy], row["index"])
+    save_genotype(genotype_path(args, row), row["convs"], row[ProxySpec(args.proxy).ranker],
+                  row["index"])
 
 
 def main(args):
@@ -376,6 +394,7 @@ def main(args):
 
 def search(args):
     args = resolve(args)
+    check_rerank_args(args)
     names = search_space(args)
     if args.generate_random:
         return generate_random(args, names)
@@ -386,9 +405,10 @@ def search(args):
     train_set, _, num_classes = get_datasets(args.dataset, args.data_loc, args.download)
     table = cost_table(args, num_classes, names)
     genotypes, source = get_candidates(args, table)
-    score_col = args.proxy
-    columns = ["index", "convs", "params", "macs", score_col]
-    out_path = os.path.join(args.results_dir, f"{args.proxy}_at_{goal_label(args)}.csv")
+    spec = ProxySpec(args.proxy)
+    score_col = [c for c in spec.columns if c != "params"]   # params: its own column
+    columns = ["index", "convs", "params", "macs", *score_col]
+    out_path = os.path.join(args.results_dir, f"{spec.label}_at_{goal_label(args)}.csv")
     settings = {k: getattr(args, k) for k in (
         "dataset", "arch", "param_goal", "mac_goal", "tol", "seed", "batch_size",
         "minibatches", "resample_batch", "proxy")}
@@ -414,7 +434,8 @@ def search(args):
                             "file, or move the results file away")
 
     todo = [i for i in range(rank, len(genotypes), world) if i not in done]
-    best = max(done.values(), key=lambda r: r[score_col], default=None)
+    best = (max(done.values(), key=lambda r: r[spec.ranker], default=None)
+            if spec.ranker in spec.columns else None)
     single = world == 1
     start = time.time()
     n = score_all(args, todo, genotypes, table, num_classes, train_set, device,
@@ -429,33 +450,136 @@ def search(args):
     if rank != 0:
         return None
     rows = merge_shards(out_path, score_col, columns)
-    return summarise(args, rows, out_path, n, seconds)
+    result = summarise(args, rows, out_path, n, seconds)
+    if args.rerank:
+        result["rerank"] = rerank(args, result, rows, out_path)
+    return result
 
 
 def summarise(args, rows, out_path, n_scored, seconds):
     """Write genotype files of the top n (each once) and print and return the summary."""
     if not rows:
         raise UserError("no candidates were scored")
-    ranked = sorted(rows.values(), key=lambda r: (-r[args.proxy], r["index"]))
+    spec = ProxySpec(args.proxy)
+    ranked = rank_rows(spec, rows)
     for r in ranked[:args.top_n]:
         if not os.path.isfile(genotype_path(args, r)):
             save_best(args, r)
     b = ranked[0]
     if args.best_file:
-        save_genotype(args.best_file, b["convs"], b[args.proxy], b["index"])
+        save_genotype(args.best_file, b["convs"], b[spec.ranker], b["index"])
     if args.plot:
         from plots import plot_search
         plot_search(out_path, out_path[:-4] + ".png", args.param_goal, args.mac_goal, args.tol,
-                    score=args.proxy)
+                    score=spec.columns[0])
     per = seconds / n_scored if n_scored else float("nan")
     print(f"best of {len(rows)}: #{b['index']}  params {b['params']:,}  MACs {b['macs']:,}  "
-          f"{args.proxy} {b[args.proxy]:.6g}  ({n_scored} scored now, {per:.3f} s each)  "
+          f"{spec.ranker} {b[spec.ranker]:.6g}  ({n_scored} scored now, {per:.3f} s each)  "
           f"-> {genotype_path(args, b)}")
     return {"best_index": b["index"], "best_genotype": b["convs"], "params": b["params"],
-            "macs": b["macs"], "score": b[args.proxy], args.proxy: b[args.proxy],
+            "macs": b["macs"], "score": b[spec.ranker], args.proxy: b[spec.ranker],
+            **{item: b[item] for item in spec.items + spec.columns},
             "proxy": args.proxy, "results": out_path, "genotype": genotype_path(args, b),
             "n_candidates": len(rows), "n_scored": n_scored, "seconds_per_candidate": per,
             "ranking": [r["index"] for r in ranked]}
+
+
+def rank_rows(spec, rows):
+    """The rows, best first by spec.ranker (ties by index; NaN last). An ensemble's score is
+    computed here over all scored candidates (it ranks a set) and added to each row."""
+    rows = sorted(rows.values(), key=lambda r: r["index"])
+    table = {c: [r[c] for r in rows] for c in spec.columns}
+    for item in spec.items:
+        if item not in spec.columns:
+            for r, v in zip(rows, spec.scores(item, table)):
+                r[item] = float(v)
+    return sorted(rows, key=lambda r: (-finite([r[spec.ranker]])[0], r["index"]))
+
+
+# --------------------------------------------------------------------------------------------
+# Re-rank: train the top K briefly with main.py, rank by validation error
+# --------------------------------------------------------------------------------------------
+
+RERANK_COLUMNS = ["index", "convs", "params", "macs", "score", "val_error"]
+
+
+def check_rerank_args(args):
+    """Before anything is scored: --rerank's numbers, and a network main.py can train."""
+    if args.rerank < 0 or args.rerank_epochs < 1:
+        raise UserError(f"--rerank must be >= 0 and --rerank_epochs >= 1 (got {args.rerank} and "
+                        f"{args.rerank_epochs})")
+    if args.rerank and not args.generate_random:
+        main_arch = "resnet34" if args.dataset == "imagenet" else "wrn"
+        if args.arch != main_arch:
+            raise UserError(f"--rerank trains with main.py, which builds {main_arch} networks "
+                            f"for {args.dataset}: --arch {args.arch} cannot be re-ranked")
+
+
+def train_candidate(args, row, folder) -> float:
+    """Train one candidate with main.py's teacher training (cross-entropy, cosine schedule,
+    same data path); returns its final validation error (%)."""
+    import main as trainer   # a script, imported only when re-ranking
+    name = f"candidate_{row['index']}"
+    geno_csv = os.path.join(folder, "genotypes", name + ".csv")
+    save_genotype(geno_csv, row["convs"], index=row["index"])
+    argv = [args.dataset, "teacher", "--data_loc", args.data_loc, "--from_genotype", geno_csv,
+            "-t", name, "--checkpoint_dir", os.path.join(folder, "checkpoints"),
+            "--epochs", str(args.rerank_epochs), "--lr", str(args.rerank_lr), "--cosine",
+            "--batch_size", str(args.batch_size), "--workers", str(args.workers),
+            "--seed", str(args.seed), "--device", args.device, "--overwrite", "--no-plot"]
+    if args.arch == "wrn":
+        argv += ["--wrn_depth", str(args.wrn_depth), "--wrn_width", str(args.wrn_width)]
+    for flag, value in (("--train_subset", args.rerank_train_subset),
+                        ("--val_subset", args.rerank_val_subset), ("--module", args.module)):
+        if value is not None:
+            argv += [flag, str(value)]
+    trainer.main(trainer.get_args_parser().parse_args(argv))
+    ckpt = trainer.load_checkpoint(os.path.join(folder, "checkpoints", name + ".t7"))
+    return float(ckpt["val_errors"][-1])
+
+
+def read_rerank(path):
+    """{index: row} of a re-rank CSV (a torn last line cut off, as read_rows)."""
+    rows = read_rows(path, "score")
+    if rows:
+        df = pd.read_csv(path)
+        for i, err in zip(df["index"], df["val_error"]):
+            rows[int(i)]["val_error"] = float(err)
+    return rows
+
+
+def rerank(args, summary, rows, out_path):
+    """Train the top --rerank candidates by the proxy (appending each to <results>_rerank.csv
+    as it finishes, so a rerun resumes), then write the lowest-error one as a genotype file."""
+    spec = ProxySpec(args.proxy)
+    top = rank_rows(spec, rows)[:args.rerank]
+    path = out_path[:-4] + "_rerank.csv"
+    folder = path[:-4]
+    check_settings(path[:-4] + ".json", {
+        "epochs": args.rerank_epochs, "lr": args.rerank_lr, "batch_size": args.batch_size,
+        "seed": args.seed, "train_subset": args.rerank_train_subset,
+        "val_subset": args.rerank_val_subset, "proxy": args.proxy})
+    done = read_rerank(path)
+    writer = ResultsWriter(path, RERANK_COLUMNS)
+    try:
+        for r in tqdm([r for r in top if r["index"] not in done], desc="re-rank"):
+            row = {k: r[k] for k in ("index", "convs", "params", "macs")}
+            row.update(score=r[spec.ranker], val_error=train_candidate(args, r, folder))
+            writer.write_row(row)
+            done[r["index"]] = row
+    finally:
+        writer.close()
+    trained = [done[r["index"]] for r in top]
+    best = min(trained, key=lambda r: (r["val_error"], r["index"]))
+    prefix = "" if args.proxy == "fisher" else f"{spec.label}_"
+    geno = os.path.join(args.genotype_dir, f"{prefix}{goal_label(args)}_rerank_{best['index']}.csv")
+    save_genotype(geno, best["convs"], best["score"], best["index"])
+    print(f"re-rank of the top {len(top)} after {args.rerank_epochs} epochs: #{best['index']} "
+          f"val error {best['val_error']:.2f}% (proxy's #1: #{top[0]['index']}, "
+          f"{done[top[0]['index']]['val_error']:.2f}%) -> {geno}")
+    return {"results": path, "genotype": geno, "best_index": best["index"],
+            "ranking": [r["index"] for r in sorted(trained, key=lambda r: (r["val_error"],
+                                                                            r["index"]))]}
 
 
 def generate_random(args, names):
