@@ -508,6 +508,9 @@ def check_rerank_args(args):
     if args.rerank < 0 or args.rerank_epochs < 1:
         raise UserError(f"--rerank must be >= 0 and --rerank_epochs >= 1 (got {args.rerank} and "
                         f"{args.rerank_epochs})")
+    if args.rerank and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--rerank trains in this process: run it without torchrun (the scores "
+                        "already in the results file are reused)")
     if args.rerank and not args.generate_random:
         main_arch = "resnet34" if args.dataset == "imagenet" else "wrn"
         if args.arch != main_arch:

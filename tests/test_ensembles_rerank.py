@@ -134,9 +134,13 @@ def test_rerank_trains_the_top_k_writes_csv_and_genotype_and_resumes(
     assert trained == [s["ranking"][2]]
 
 
-def test_rerank_refuses_other_settings_and_bad_numbers(tiny_imagefolder, tmp_path):
+def test_rerank_refuses_bad_numbers_other_archs_and_torchrun(tiny_imagefolder, tmp_path,
+                                                            monkeypatch):
     from models import UserError
     with pytest.raises(UserError, match="--rerank must be >= 0"):
         run(tiny_imagefolder, tmp_path, "--rerank", "2", "--rerank_epochs", "0")
     with pytest.raises(UserError, match="cannot be re-ranked"):
         run(tiny_imagefolder, tmp_path, "--rerank", "2", "--arch", "resnet18")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="without torchrun"):
+        run(tiny_imagefolder, tmp_path, "--rerank", "2")
