@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from count_ops import CostTable
 from funcs import (NUM_CLASSES, atomic_write, budget_window, check_writable, count_genotypes,
-                   dataset_identity, distributed_teardown, fisher_scores, get_datasets,
+                   dataset_identity, distributed_teardown, get_datasets,
                    load_genotype, parse_convs, pick_device, pid_lock, run_cli, sample_genotypes,
                    save_genotype)
 from loaders import (Augment, TensorImages, add_loader_args, augmented_batches, choose_loader,
@@ -47,18 +47,19 @@ from models import (BLOCK_TYPES, SEARCH_SPACE, ResNet, UserError, WideResNet,
 from latency import load_or_measure, parse_table_device, resnet_family, wrn_family
 from models.resnet import LAYERS
 
-try:
-    from proxies import PROXIES, get_proxy
-except ImportError:  # proxies.py absent: Fisher potential only
-    PROXIES = {"fisher": lambda net, x, y: float(fisher_scores(net, x, y).sum())}
-
-    def get_proxy(name):
-        if name not in PROXIES:
-            raise UserError(f"unknown proxy {name!r}; valid names: " + ", ".join(PROXIES))
-        return PROXIES[name]
+from proxies import PROXIES, ProxySpec, finite, get_proxy
 
 DEFAULT_PARAM_GOAL = 800_000   # the original's default when no goal is given
 DEFAULT_ARCHS = "archs/master_arch.csv"   # --generate_random's file; used when it fits
+
+
+def proxy_arg(text: str) -> str:
+    """argparse type of --proxy: checks names and ensembles at parse time (ProxySpec)."""
+    try:
+        ProxySpec(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def get_args_parser():
@@ -93,8 +94,10 @@ def get_args_parser():
     p.add_argument("--minibatches", default=1, type=int, help="scores summed over this many")
     p.add_argument("--resample_batch", action="store_true",
                    help="a different minibatch per candidate (off: one shared, fair)")
-    p.add_argument("--proxy", default="fisher", choices=sorted(PROXIES),
-                   help="scoring function (proxies.py); higher is better")
+    p.add_argument("--proxy", default="fisher", type=proxy_arg,
+                   help="scoring function (proxies.py; higher is better): "
+                        f"{', '.join(PROXIES)}; an ensemble 'vote' or 'rank:a+b+c'; or a "
+                        "comma-separated list, one column each, ranked by the first")
     p.add_argument("--top_n", default=1, type=int, help="genotype files kept for the best n")
     p.add_argument("--workers", default=0, type=int, help="data loading processes")
     add_loader_args(p)
@@ -119,6 +122,15 @@ def get_args_parser():
                    help="also write the best genotype here (a fixed name for sweep scripts)")
     p.add_argument("--plot", default=True, action=argparse.BooleanOptionalAction,
                    help="draw results/<proxy>_at_<goal>.png: score against params and MACs")
+    p.add_argument("--rerank", default=0, type=int,
+                   help="then train the top K for --rerank_epochs with main.py and rank them by "
+                        "validation error (results/<proxy>_at_<goal>_rerank.csv)")
+    p.add_argument("--rerank_epochs", default=2, type=int, help="epochs per re-ranked candidate")
+    p.add_argument("--rerank_lr", default=0.1, type=float, help="main.py --lr (cosine schedule)")
+    p.add_argument("--rerank_train_subset", default=None, type=int,
+                   help="main.py --train_subset for the re-rank (default: all images)")
+    p.add_argument("--rerank_val_subset", default=None, type=int,
+                   help="main.py --val_subset for the re-rank (default: all images)")
     return p
 
 
@@ -379,10 +391,11 @@ def read_rows(path, score_col):
         text = text[:text.rfind("\n") + 1]
         atomic_write(path, lambda f: f.write(text.encode()))
     rows = {}
+    score_cols = [score_col] if isinstance(score_col, str) else score_col
     for r in csv.DictReader(text.splitlines()):
         rows[int(r["index"])] = {"index": int(r["index"]), "convs": parse_convs(r["convs"]),
                                  "params": int(r["params"]), "macs": int(r["macs"]),
-                                 score_col: float(r[score_col])}
+                                 **{c: float(r[c]) for c in score_cols}}
         if "latency_ms" in r:
             rows[int(r["index"])]["latency_ms"] = float(r["latency_ms"])
     return rows
@@ -487,8 +500,10 @@ def merge_shards(path, score_col, columns):
 def score_all(args, todo, genotypes, table, num_classes, train_set, device, out_path,
               columns, best, on_new_best, show):
     """Score candidates `todo` (indices), appending each to out_path. Returns the count."""
-    proxy = get_proxy(args.proxy)
-    score_col = args.proxy
+    spec = ProxySpec(args.proxy)
+    # the `params` proxy is the params column (count_ops), not a second one
+    fns = {name: get_proxy(name) for name in spec.columns if name != "params"}
+    score_col = spec.ranker if spec.ranker in spec.columns else None   # ensembles rank last
     shared = None if args.resample_batch else load_batches(train_set, args, args.seed, device)
     writer = ResultsWriter(out_path, columns)
     bar = tqdm(todo, disable=not show, desc=f"{args.proxy} at {goal_label(args)}")
@@ -499,9 +514,11 @@ def score_all(args, todo, genotypes, table, num_classes, train_set, device, out_
             net = make_candidate(args, genotypes[i], num_classes, key, device)
             params, macs = table.cost(genotypes[i])
             row = {"index": i, "convs": genotypes[i], "params": params, "macs": macs,
-                   score_col: score_candidate(net, batches, proxy),
+                   **{name: score_candidate(net, batches, fn) for name, fn in fns.items()},
                    **latency_row(table, genotypes[i])}
             writer.write_row(row)
+            if score_col is None:
+                continue
             if best is None or row[score_col] > best[score_col]:
                 best = row
                 on_new_best(row)
@@ -514,7 +531,7 @@ def score_all(args, todo, genotypes, table, num_classes, train_set, device, out_
 def genotype_path(args, row):
     """genotypes/<goal>_<index>.csv as the original; other proxies prefix their name, so a
     comparison run never overwrites the Fisher search's files."""
-    prefix = "" if args.proxy == "fisher" else f"{args.proxy}_"
+    prefix = "" if args.proxy == "fisher" else f"{ProxySpec(args.proxy).label}_"
     return os.path.join(args.genotype_dir, f"{prefix}{goal_label(args)}_{row['index']}.csv")
 
 
@@ -525,8 +542,9 @@ def best_path(out_path):
 
 def save_best(args, row, out_path):
     """A new best: its genotype file (rank 1) and the fixed best file."""
-    save_genotype(genotype_path(args, row), row["convs"], row[args.proxy], row["index"], rank=1)
-    save_genotype(best_path(out_path), row["convs"], row[args.proxy], row["index"], rank=1)
+    score = row[ProxySpec(args.proxy).ranker]
+    save_genotype(genotype_path(args, row), row["convs"], score, row["index"], rank=1)
+    save_genotype(best_path(out_path), row["convs"], score, row["index"], rank=1)
 
 
 def genotype_files(args):
@@ -579,6 +597,7 @@ def search_settings(args, names, num_classes, source, train_set, table):
 
 def search(args):
     args = resolve(args)
+    check_rerank_args(args)
     names = search_space(args)
     if args.generate_random:
         return generate_random(args, names)
@@ -593,7 +612,8 @@ def search(args):
     train_set, _, num_classes = get_datasets(args.dataset, args.data_loc, args.download)
     table = with_latency(args, cost_table(args, num_classes, names), num_classes, names)
     genotypes, source = get_candidates(args, table)
-    out_path = os.path.join(args.results_dir, f"{args.proxy}_at_{goal_label(args)}.csv")
+    out_path = os.path.join(args.results_dir,
+                            f"{ProxySpec(args.proxy).label}_at_{goal_label(args)}.csv")
     settings = search_settings(args, names, num_classes, source, train_set, table)
     train_set = training_images(args, train_set, device)
     if rank != 0:
@@ -611,8 +631,9 @@ def search(args):
 def run_search(args, genotypes, settings, table, num_classes, train_set, out_path, rank, world,
                device):
     """Check or write the settings, score what is not yet scored, merge, summarise."""
-    score_col = args.proxy
-    columns = ["index", "convs", "params", "macs", *latency_row(table, None), score_col]
+    spec = ProxySpec(args.proxy)
+    score_col = [c for c in spec.columns if c != "params"]   # params: its own column
+    columns = ["index", "convs", "params", "macs", *latency_row(table, None), *score_col]
     if rank == 0:
         check_settings(out_path[:-4] + ".json", settings)
     if world > 1:
@@ -632,7 +653,8 @@ def run_search(args, genotypes, settings, table, num_classes, train_set, out_pat
                             "file, or move the results file away")
 
     todo = [i for i in range(rank, len(genotypes), world) if i not in done]
-    best = max(done.values(), key=lambda r: r[score_col], default=None)
+    best = (max(done.values(), key=lambda r: r[spec.ranker], default=None)
+            if spec.ranker in spec.columns else None)
     single = world == 1
     start = time.time()
     n = score_all(args, todo, genotypes, table, num_classes, train_set, device,
@@ -647,49 +669,154 @@ def run_search(args, genotypes, settings, table, num_classes, train_set, out_pat
     if rank != 0:
         return None
     rows = select_rows(merge_shards(out_path, score_col, columns), len(genotypes), out_path)
-    return summarise(args, rows, out_path, n, seconds)
+    result = summarise(args, rows, out_path, n, seconds)
+    if args.rerank:
+        result["rerank"] = rerank(args, result, rows, out_path)
+    return result
 
 
-def write_ranked(args, ranked, out_path):
+def write_ranked(args, ranked, out_path, ranker):
     """Genotype files with their rank: the top --top_n, and every file of this search already
     in --genotype_dir (an earlier best) with its rank now; the best last, so the newest file is
     the best. The best also goes to the fixed results/<proxy>_at_<goal>_best.csv."""
     existing = genotype_files(args)
     for k, r in reversed(list(enumerate(ranked, 1))):
         if k <= args.top_n or r["index"] in existing:
-            save_genotype(genotype_path(args, r), r["convs"], r[args.proxy], r["index"], rank=k)
+            save_genotype(genotype_path(args, r), r["convs"], r[ranker], r["index"], rank=k)
     b = ranked[0]
-    save_genotype(best_path(out_path), b["convs"], b[args.proxy], b["index"], rank=1)
+    save_genotype(best_path(out_path), b["convs"], b[ranker], b["index"], rank=1)
 
 
 def summarise(args, rows, out_path, n_scored, seconds):
     """Write the genotype files of the top n, ranked, and print and return the summary."""
     if not rows:
         raise UserError("no candidates were scored")
-    ranked = sorted(rows.values(), key=lambda r: (-r[args.proxy], r["index"]))
-    write_ranked(args, ranked, out_path)
+    spec = ProxySpec(args.proxy)
+    ranked = rank_rows(spec, rows)
+    write_ranked(args, ranked, out_path, spec.ranker)
     b = ranked[0]
     if args.best_file:
-        save_genotype(args.best_file, b["convs"], b[args.proxy], b["index"])
+        save_genotype(args.best_file, b["convs"], b[spec.ranker], b["index"])
     if args.plot:
         from plots import plot_search
         plot_search(out_path, out_path[:-4] + ".png", args.param_goal, args.mac_goal, args.tol,
-                    score=args.proxy, latency_goal=args.latency_goal)
+                    score=spec.columns[0], latency_goal=args.latency_goal)
     per = seconds / n_scored if n_scored else float("nan")
     lat = f"latency {b['latency_ms']:.3g} ms  " if "latency_ms" in b else ""
     print(f"best of {len(rows)}: #{b['index']}  params {b['params']:,}  MACs {b['macs']:,}  {lat}"
-          f"{args.proxy} {b[args.proxy]:.6g}  ({n_scored} scored now, {per:.3f} s each)  "
+          f"{spec.ranker} {b[spec.ranker]:.6g}  ({n_scored} scored now, {per:.3f} s each)  "
           f"-> {best_path(out_path)}")
     for k, r in enumerate(ranked[:args.top_n], 1):
-        print(f"  rank {k}: #{r['index']}  {args.proxy} {r[args.proxy]:.6g}  "
+        print(f"  rank {k}: #{r['index']}  {spec.ranker} {r[spec.ranker]:.6g}  "
               f"-> {genotype_path(args, r)}")
     return {"best_index": b["index"], "best_genotype": b["convs"], "params": b["params"],
-            "macs": b["macs"], "latency_ms": b.get("latency_ms"), "score": b[args.proxy],
-            args.proxy: b[args.proxy],
+            "macs": b["macs"], "latency_ms": b.get("latency_ms"), "score": b[spec.ranker],
+            args.proxy: b[spec.ranker], **{item: b[item] for item in spec.items + spec.columns},
             "proxy": args.proxy, "results": out_path, "genotype": genotype_path(args, b),
             "best_file": best_path(out_path),
             "n_candidates": len(rows), "n_scored": n_scored, "seconds_per_candidate": per,
             "ranking": [r["index"] for r in ranked]}
+
+
+def rank_rows(spec, rows):
+    """The rows, best first by spec.ranker (ties by index; NaN last). An ensemble's score is
+    computed here over all scored candidates (it ranks a set) and added to each row."""
+    rows = sorted(rows.values(), key=lambda r: r["index"])
+    table = {c: [r[c] for r in rows] for c in spec.columns}
+    for item in spec.items:
+        if item not in spec.columns:
+            for r, v in zip(rows, spec.scores(item, table)):
+                r[item] = float(v)
+    return sorted(rows, key=lambda r: (-finite([r[spec.ranker]])[0], r["index"]))
+
+
+# --------------------------------------------------------------------------------------------
+# Re-rank: train the top K briefly with main.py, rank by validation error
+# --------------------------------------------------------------------------------------------
+
+RERANK_COLUMNS = ["index", "convs", "params", "macs", "score", "val_error"]
+
+
+def check_rerank_args(args):
+    """Before anything is scored: --rerank's numbers, and a network main.py can train."""
+    if args.rerank < 0 or args.rerank_epochs < 1:
+        raise UserError(f"--rerank must be >= 0 and --rerank_epochs >= 1 (got {args.rerank} and "
+                        f"{args.rerank_epochs})")
+    if args.rerank and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--rerank trains in this process: run it without torchrun (the scores "
+                        "already in the results file are reused)")
+    if args.rerank and not args.generate_random:
+        main_arch = "resnet34" if args.dataset == "imagenet" else "wrn"
+        if args.arch != main_arch:
+            raise UserError(f"--rerank trains with main.py, which builds {main_arch} networks "
+                            f"for {args.dataset}: --arch {args.arch} cannot be re-ranked")
+
+
+def train_candidate(args, row, folder) -> float:
+    """Train one candidate with main.py's teacher training (cross-entropy, cosine schedule,
+    same data path); returns its final validation error (%)."""
+    import main as trainer   # a script, imported only when re-ranking
+    name = f"candidate_{row['index']}"
+    geno_csv = os.path.join(folder, "genotypes", name + ".csv")
+    save_genotype(geno_csv, row["convs"], index=row["index"])
+    argv = [args.dataset, "teacher", "--data_loc", args.data_loc, "--from_genotype", geno_csv,
+            "-t", name, "--checkpoint_dir", os.path.join(folder, "checkpoints"),
+            "--epochs", str(args.rerank_epochs), "--lr", str(args.rerank_lr), "--cosine",
+            "--batch_size", str(args.batch_size), "--workers", str(args.workers),
+            "--seed", str(args.seed), "--device", args.device, "--overwrite", "--no-plot"]
+    if args.arch == "wrn":
+        argv += ["--wrn_depth", str(args.wrn_depth), "--wrn_width", str(args.wrn_width)]
+    for flag, value in (("--train_subset", args.rerank_train_subset),
+                        ("--val_subset", args.rerank_val_subset), ("--module", args.module)):
+        if value is not None:
+            argv += [flag, str(value)]
+    trainer.main(trainer.get_args_parser().parse_args(argv))
+    ckpt = trainer.load_checkpoint(os.path.join(folder, "checkpoints", name + ".t7"))
+    return float(ckpt["val_errors"][-1])
+
+
+def read_rerank(path):
+    """{index: row} of a re-rank CSV (a torn last line cut off, as read_rows)."""
+    rows = read_rows(path, "score")
+    if rows:
+        df = pd.read_csv(path)
+        for i, err in zip(df["index"], df["val_error"]):
+            rows[int(i)]["val_error"] = float(err)
+    return rows
+
+
+def rerank(args, summary, rows, out_path):
+    """Train the top --rerank candidates by the proxy (appending each to <results>_rerank.csv
+    as it finishes, so a rerun resumes), then write the lowest-error one as a genotype file."""
+    spec = ProxySpec(args.proxy)
+    top = rank_rows(spec, rows)[:args.rerank]
+    path = out_path[:-4] + "_rerank.csv"
+    folder = path[:-4]
+    check_settings(path[:-4] + ".json", {
+        "epochs": args.rerank_epochs, "lr": args.rerank_lr, "batch_size": args.batch_size,
+        "seed": args.seed, "train_subset": args.rerank_train_subset,
+        "val_subset": args.rerank_val_subset, "proxy": args.proxy})
+    done = read_rerank(path)
+    writer = ResultsWriter(path, RERANK_COLUMNS)
+    try:
+        for r in tqdm([r for r in top if r["index"] not in done], desc="re-rank"):
+            row = {k: r[k] for k in ("index", "convs", "params", "macs")}
+            row.update(score=r[spec.ranker], val_error=train_candidate(args, r, folder))
+            writer.write_row(row)
+            done[r["index"]] = row
+    finally:
+        writer.close()
+    trained = [done[r["index"]] for r in top]
+    best = min(trained, key=lambda r: (r["val_error"], r["index"]))
+    prefix = "" if args.proxy == "fisher" else f"{spec.label}_"
+    geno = os.path.join(args.genotype_dir, f"{prefix}{goal_label(args)}_rerank_{best['index']}.csv")
+    save_genotype(geno, best["convs"], best["score"], best["index"])
+    print(f"re-rank of the top {len(top)} after {args.rerank_epochs} epochs: #{best['index']} "
+          f"val error {best['val_error']:.2f}% (proxy's #1: #{top[0]['index']}, "
+          f"{done[top[0]['index']]['val_error']:.2f}%) -> {geno}")
+    return {"results": path, "genotype": geno, "best_index": best["index"],
+            "ranking": [r["index"] for r in sorted(trained, key=lambda r: (r["val_error"],
+                                                                            r["index"]))]}
 
 
 def generate_random(args, names):

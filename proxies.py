@@ -204,6 +204,164 @@ def params(net, inputs, targets) -> float:
     return float(count_params(net))
 
 
+@proxy("jacob_cov")
+def jacob_cov(net, inputs, targets) -> float:
+    """Jacobian covariance (Mellor et al. 2020 v1, as zero-cost-nas's jacob_cov): J_i = d(sum of
+    the logits of input i)/d(input i), one row per input; C = corrcoef of those rows (n x n);
+    score = -sum_k log(l_k + 1e-5) + 1 / (l_k + 1e-5) over the eigenvalues l of C.
+
+    Departures from zero-cost-nas: the eigenvalues come from eigvalsh (C is symmetric; their
+    np.linalg.eig may return complex values from rounding) in float64; a degenerate C (an input
+    whose gradient is constant, where they print the exception and return NaN) scores -inf, so
+    it ranks last instead of poisoning a sort. BatchNorm stays in, train mode (bn=True there).
+    The score is already a log-determinant-like quantity: no further log.
+    """
+    with preserved(net):
+        x = inputs.detach().clone().requires_grad_(True)
+        (jac,) = torch.autograd.grad(logits_of(net(x)).sum(), x)
+    return jacob_cov_score(jac.flatten(1))
+
+
+def jacob_cov_score(jac: torch.Tensor, k: float = 1e-5) -> float:
+    """The score of an (n, d) Jacobian, one row per input."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = np.corrcoef(jac.detach().double().cpu().numpy())
+    if not np.all(np.isfinite(corr)):
+        return float("-inf")
+    eig = np.linalg.eigvalsh(corr)
+    return float(-np.sum(np.log(eig + k) + 1.0 / (eig + k)))
+
+
+@proxy("grasp")
+def grasp(net, inputs, targets) -> float:
+    """GraSP (Wang et al. 2020, as zero-cost-nas's grasp): -sum over conv/linear weights of
+    w * (H g), with g = dL/dw and H the Hessian of the loss, by double backward.
+
+    zero-cost-nas takes g from one forward and Hg from a second forward of the same batch; in
+    train mode without dropout both forwards are identical, so one forward serves both here (half
+    the cost, the same value). Temperature T = 1 and one iteration, their defaults. The score is
+    a signed sum of moderate magnitude: reported as is (no log).
+    """
+    weights = scored_weights(net)
+    with preserved(net):
+        loss = F.cross_entropy(logits_of(net(inputs)), targets)
+        grads = torch.autograd.grad(loss, weights, create_graph=True, allow_unused=True)
+        used = [(w, g) for w, g in zip(weights, grads) if g is not None]
+        z = sum((g.detach() * g).sum() for _, g in used)           # g . g with g held fixed
+        hg = torch.autograd.grad(z, [w for w, _ in used], allow_unused=True)   # H g
+    return float(-sum((w.detach() * h).sum() for (w, _), h in zip(used, hg) if h is not None))
+
+
+@proxy("zico")
+def zico(net, inputs, targets, splits: int = 2) -> float:
+    """ZiCo (Li et al., ICLR 2023): the minibatch is cut into `splits` parts (the authors'
+    split_data=2) and dL/dw taken on each; per conv/linear layer, s = sum over weights of
+    mean|g| / std(g) across the parts (weights with std 0 left out); score = sum of log s.
+
+    Departure: the authors' zero-cost-nas version (and the copy in MeCo's repository) never zero
+    the gradients between parts, so their second 'sample' is the sum of both; here every part's
+    gradient is its own (the paper's definition: mean and std of per-batch gradients). Float64
+    statistics; std with 1/n as np.std. Already in log space (the authors' convention).
+    """
+    weights = scored_weights(net)
+    per_part = [loss_grads(net, x, y, weights)
+                for x, y in zip(inputs.chunk(splits), targets.chunk(splits))]
+    score = 0.0
+    for layer in zip(*per_part):
+        g = torch.stack([t.flatten() for t in layer]).double()        # (parts, weights)
+        std = g.std(0, unbiased=False)
+        keep = std > 0
+        s = float((g.abs().mean(0)[keep] / std[keep]).sum())
+        if s > 0:
+            score += float(np.log(s))
+    return score
+
+
+@proxy("meco")
+def meco(net, inputs, targets) -> float:
+    """MeCo (Jiang et al., NeurIPS 2023): one input; for every module whose output is a
+    feature map (C, H, W), the smallest eigenvalue of the C x C Pearson correlation between its
+    channels (each channel's H*W values one variable); score = the sum over modules.
+
+    As the authors: a forward hook on every module (containers included, so a block's output
+    and its last layer's output both count), NaN/inf correlations set to 0 (constant channels),
+    train mode. Departures: the input is the first image of the minibatch, not the Gaussian
+    noise image their code draws (their title says 'one data'; a real image is deterministic
+    and comes from the user's data like the other proxies' inputs); modules whose output is not
+    a 4-D tensor (the classifier, our (logits, activations) tuple) are skipped where their code
+    adds a 0 for them; eigvalsh in float64 instead of eig. Our blocks call F.relu functionally,
+    so no separate ReLU output is hooked (NAS-Bench-201's nn.ReLU modules are). No log: the
+    eigenvalues lie in [0, 1].
+    """
+    found = []
+
+    def hook(module, inp, out):
+        if isinstance(out, torch.Tensor) and out.dim() == 4:
+            found.append(min_channel_correlation_eig(out[0]))
+    handles = [m.register_forward_hook(hook) for m in net.modules()]
+    try:
+        with preserved(net), torch.no_grad():
+            net(inputs[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return float(sum(found))
+
+
+def min_channel_correlation_eig(fmap: torch.Tensor) -> float:
+    """Smallest eigenvalue of the channel correlation matrix of one (C, H, W) feature map."""
+    fea = fmap.detach().double().flatten(1)                            # (C, H*W)
+    corr = torch.corrcoef(fea) if len(fea) > 1 else torch.ones(1, 1, dtype=fea.dtype)
+    corr = torch.nan_to_num(corr, nan=0.0, posinf=0.0, neginf=0.0)
+    return float(torch.linalg.eigvalsh(corr.cpu())[0])
+
+
+class ReluCodes(TorchFunctionMode):
+    """Collects, for every ReLU on a feature map (4-D input) evaluated while active, each
+    neuron's binary pattern over the batch, packed 63 samples to an int64 word (SWAP).
+    (Same interception as ReluKernel: our blocks call F.relu functionally.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.codes = []          # one (neurons, words) int64 tensor per ReLU
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _RELUS and out.dim() == 4:
+            self.codes.append(pack_columns(out.detach().flatten(1) > 0))
+        return out
+
+
+def pack_columns(bits: torch.Tensor) -> torch.Tensor:
+    """(n, m) bool -> (m, ceil(n / 63)) int64: column j's n bits as base-2 words."""
+    n, m = bits.shape
+    words = -(-n // 63)
+    padded = torch.zeros(words * 63, m, dtype=torch.int64, device=bits.device)
+    padded[:n] = bits.to(torch.int64)
+    powers = 2 ** torch.arange(63, dtype=torch.int64, device=bits.device)
+    return (padded.view(words, 63, m) * powers[None, :, None]).sum(1).T    # (m, words)
+
+
+@proxy("swap")
+def swap(net, inputs, targets) -> float:
+    """SWAP (Peng et al., ICLR 2024): the number of distinct sample-wise activation patterns:
+    every post-ReLU neuron of every feature-map ReLU gets the binary vector of where it is
+    active over the n inputs; score = how many distinct vectors there are (<= 2^n).
+
+    As the authors: ReLUs with 4-D inputs only, sign of the output (> 0), train mode. Departure:
+    no parameter regularisation (their 'regular' factor exp(-(params - mu)^2 / sigma) rewards a
+    size near mu; a within-budget search fixes params to +-2.5%, and with mu and sigma taken from
+    one network, as their compute_swap does, sigma is undefined). A count: no log.
+    """
+    with preserved(net), torch.no_grad(), ReluCodes() as mode:
+        net(inputs)
+    if not mode.codes:
+        return 0.0
+    codes = torch.cat(mode.codes)                                      # (neurons, words)
+    unique = torch.unique(codes[:, 0]) if codes.shape[1] == 1 else torch.unique(codes, dim=0)
+    return float(len(unique))
+
+
 # --------------------------------------------------------------------------------------------
 # Rank correlation, for the proxy study
 # --------------------------------------------------------------------------------------------
@@ -231,3 +389,89 @@ def spearman(x, y) -> float:
     rx, ry = rx - rx.mean(), ry - ry.mean()
     denom = np.sqrt((rx * rx).sum() * (ry * ry).sum())
     return float((rx * ry).sum() / denom) if denom > 0 else float("nan")
+
+
+def kendall(x, y) -> float:
+    """Kendall's tau-b (ties in either variable corrected, as scipy.stats.kendalltau). NaN when
+    either side is constant or there are fewer than two points."""
+    x, y = np.asarray(x, dtype=float).ravel(), np.asarray(y, dtype=float).ravel()
+    if len(x) != len(y):
+        raise ValueError(f"kendall: {len(x)} x values but {len(y)} y values")
+    if len(x) < 2:
+        return float("nan")
+    dx = np.sign(x[:, None] - x[None, :])                  # (n, n) pairwise orders
+    dy = np.sign(y[:, None] - y[None, :])
+    upper = np.triu_indices(len(x), k=1)
+    dx, dy = dx[upper], dy[upper]
+    denom = np.sqrt((dx != 0).sum() * (dy != 0).sum())
+    return float((dx * dy).sum() / denom) if denom > 0 else float("nan")
+
+
+# --------------------------------------------------------------------------------------------
+# Ensembles and proxy lists: `--proxy fisher,synflow,vote,rank:snip+meco`
+# --------------------------------------------------------------------------------------------
+# An ensemble is computed from the per-proxy columns of the scored candidates (it is a ranking
+# of the candidates, so it exists only for a set of them, never for one network alone).
+
+VOTE = ("synflow", "jacob_cov", "snip")   # zero-cost-nas's majority vote
+
+
+def finite(scores) -> np.ndarray:
+    """Scores as floats, NaN as -inf: a failed score ranks last (argsort would put NaN first)."""
+    s = np.asarray(scores, dtype=float)
+    return np.where(np.isnan(s), -np.inf, s)
+
+
+def vote_scores(columns) -> np.ndarray:
+    """Majority vote (zero-cost-nas, Abdelfattah et al. 2021): candidate a beats b when more
+    than half of the proxies score a above b. zero-cost-nas only measures the pairwise accuracy
+    of that vote; to rank, each candidate's score is its number of wins (a Copeland count)."""
+    cols = [finite(c) for c in columns]
+    above = sum((c[:, None] > c[None, :]).astype(int) for c in cols)   # (n, n) proxies for a>b
+    return (above * 2 > len(cols)).sum(1).astype(float)
+
+
+def mean_rank_scores(columns) -> np.ndarray:
+    """Mean over the proxies of each candidate's rank (1 = lowest score; ties averaged)."""
+    return np.mean([rankdata(finite(c)) for c in columns], axis=0)
+
+
+def members(item: str):
+    """The proxies an ensemble item combines ('vote', 'rank:a+b'), or None for a proxy name."""
+    if item == "vote":
+        return VOTE
+    if item.startswith("rank:"):
+        names = tuple(n for n in item[len("rank:"):].split("+") if n)
+        if len(names) < 2:
+            raise UserError(f"{item!r}: a rank ensemble needs two proxies or more, "
+                            "e.g. rank:synflow+jacob_cov")
+        return names
+    return None
+
+
+class ProxySpec:
+    """A parsed --proxy value: `items` in the order given (the first ranks), `columns` the
+    proxies to score (each once, in order of appearance), `label` for file names."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.items = [t.strip() for t in str(text).split(",") if t.strip()]
+        if not self.items:
+            raise UserError("--proxy is empty: name a proxy, e.g. fisher")
+        columns = []
+        for item in self.items:
+            for name in members(item) or (item,):
+                get_proxy(name)
+                if name not in columns:
+                    columns.append(name)
+        self.columns = columns
+        self.ranker = self.items[0]
+        self.label = "_".join(self.items).replace(":", "-")
+
+    def scores(self, item: str, table) -> np.ndarray:
+        """One item's scores for the candidates whose per-proxy columns `table` holds."""
+        names = members(item)
+        if names is None:
+            return np.asarray(table[item], dtype=float)
+        cols = [table[n] for n in names]
+        return vote_scores(cols) if item == "vote" else mean_rank_scores(cols)

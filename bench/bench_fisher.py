@@ -5,7 +5,9 @@
 Scoring: build + score one WRN-40-2 candidate as a multiple of one training-mode forward of
 the same network on the same batch (the issue's target: <= 2.1x), beside the straightforward
 approach (fresh net, an extra forward as the original's mask creation, full backward with
-weight gradients). Sampling: 1000 distinct genotypes at 162K / 800K / 1.6M parameters.
+weight gradients). Proxies: every registered proxy (proxies.py) on the same network and
+batch, as a multiple of the same forward (--proxies none skips them). Sampling: 1000 distinct
+genotypes at 162K / 800K / 1.6M parameters.
 """
 import argparse
 import os
@@ -19,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from count_ops import CostTable  # noqa: E402
 from funcs import fisher_scores, sample_genotypes  # noqa: E402
 from models import WideResNet, residual_blocks  # noqa: E402
+from proxies import PROXIES, get_proxy  # noqa: E402
 
 
 def timed(fn, repeats, device):
@@ -53,11 +56,22 @@ def naive_fisher(genotype, x, y, device):
     return sum(float(0.5 * (a.detach() * a.grad).sum((2, 3)).pow(2).mean(0).sum()) for a in kept)
 
 
+def proxy_costs(args, net, x, y, fwd, device):
+    """Each proxy on the built network (fastest of --repeats), as a multiple of one forward."""
+    names = [] if args.proxies == "none" else [n for n in args.proxies.split(",") if n]
+    for name in names:
+        fn = get_proxy(name)
+        t = timed(lambda: fn(net, x, y), args.repeats, device)
+        print(f"  proxy {name:<22} {t * 1e3:8.1f} ms   {t / fwd:5.2f}x forward")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--batch_size", default=128, type=int)
     p.add_argument("--repeats", default=5, type=int)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--proxies", default=",".join(PROXIES),
+                   help="comma-separated proxies to time beside Fisher ('none': skip)")
     args = p.parse_args()
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
@@ -92,6 +106,8 @@ def main():
     print(f"  build + score (ours)         {ours * 1e3:8.1f} ms   {ours / fwd:5.2f}x forward"
           f"   -> {1 / ours:.2f} candidates/s")
     print(f"  naive (fresh, 2 fwd, full bwd) {naive * 1e3:6.1f} ms   {naive / fwd:5.2f}x forward")
+
+    proxy_costs(args, net, x, y, fwd, device)
 
     for goal in (162_000, 800_000, 1_600_000):
         t = time.perf_counter()

@@ -58,7 +58,8 @@ def _hand_grads(net: TwoLayer, x, y):
 # --- registry --------------------------------------------------------------------------------
 
 def test_registry_names_and_unknown_name():
-    assert list(proxies.PROXIES) == ["fisher", "grad_norm", "snip", "synflow", "naswot", "params"]
+    assert list(proxies.PROXIES) == ["fisher", "grad_norm", "snip", "synflow", "naswot", "params",
+                                     "jacob_cov", "grasp", "zico", "meco", "swap"]
     assert proxies.get_proxy("snip") is proxies.snip
     with pytest.raises(UserError, match="unknown proxy 'snp'.*fisher, grad_norm, snip"):
         proxies.get_proxy("snp")
@@ -192,6 +193,134 @@ def test_fisher_proxy_is_the_sum_of_fisher_scores():
     assert proxies.fisher(net, x, y) == pytest.approx(expect, rel=1e-6)
 
 
+def test_jacob_cov_from_hand_jacobian_of_two_layer_net():
+    """d(sum of logits)/dx_i = W1' (relu'(h_i) * W2'1): rows -> corrcoef -> eig (as the authors)."""
+    torch.manual_seed(0)
+    net = TwoLayer(d=5, h=7)
+    x, y = _batch(n=4)
+    W1, W2 = net.fc1.weight.detach().double().numpy(), net.fc2.weight.detach().double().numpy()
+    h = x.double().numpy() @ W1.T
+    J = ((h > 0) * W2.sum(0)) @ W1                                   # (n, d)
+    v = np.real(np.linalg.eig(np.corrcoef(J))[0])
+    expect = -np.sum(np.log(v + 1e-5) + 1 / (v + 1e-5))
+    assert proxies.jacob_cov(net, x, y) == pytest.approx(expect, rel=1e-6)
+
+
+def test_jacob_cov_on_a_wrn_matches_backward_on_the_input():
+    net = _wrn()
+    x, y = _images()
+    clone, xg = copy.deepcopy(net).train(), x.clone().requires_grad_(True)
+    clone(xg)[0].backward(torch.ones(len(x), 10))
+    assert proxies.jacob_cov(net, x, y) == pytest.approx(
+        proxies.jacob_cov_score(xg.grad.flatten(1)), rel=1e-9)
+    assert proxies.jacob_cov_score(torch.ones(3, 4)) == float("-inf")   # degenerate: last
+
+
+def test_grasp_against_an_explicit_hessian():
+    """-w . (H g) with H the full Hessian of the loss in (W1, W2), BatchNorm in train mode."""
+    torch.manual_seed(0)
+    net = TwoLayer(d=4, h=5, c=3, bn=True)
+    x, y = _batch(n=6, d=4)
+    names = ["fc1.weight", "fc2.weight"]
+    shapes = [net.get_parameter(n).shape for n in names]
+    sizes = [s.numel() for s in shapes]
+    w0 = torch.cat([net.get_parameter(n).detach().flatten() for n in names]).double()
+    others = {k: v.detach().double() for k, v in net.named_parameters() if k not in names}
+    buffers = {k: v.clone().double() for k, v in net.named_buffers()}
+    twin = copy.deepcopy(net).double()
+
+    def loss(w):
+        parts = dict(zip(names, (p.view(s) for p, s in zip(w.split(sizes), shapes))))
+        out = torch.func.functional_call(twin, {**others, **parts, **{
+            k: v.clone() for k, v in buffers.items()}}, (x.double(),))[0]
+        return F.cross_entropy(out, y)
+    g = torch.autograd.functional.jacobian(loss, w0)
+    H = torch.autograd.functional.hessian(loss, w0)
+    expect = -(w0 @ (H @ g)).item()
+    assert abs(expect) > 1e-6
+    assert proxies.grasp(net, x, y) == pytest.approx(expect, rel=1e-4)
+
+
+def test_zico_from_hand_gradients_of_each_half():
+    torch.manual_seed(0)
+    net = TwoLayer()
+    x, y = _batch(n=8)
+    halves = [_hand_grads(net, x[:4], y[:4]), _hand_grads(net, x[4:], y[4:])]
+    expect = 0.0
+    for layer in range(2):
+        g = np.stack([halves[0][layer][1].ravel(), halves[1][layer][1].ravel()])
+        std, mean_abs = g.std(0), np.abs(g).mean(0)
+        nz = std > 0
+        expect += np.log((mean_abs[nz] / std[nz]).sum())
+    assert proxies.zico(net, x, y) == pytest.approx(expect, rel=1e-6)
+
+
+class SmallConv(nn.Module):
+    """conv -> BN -> relu -> conv, pooled to logits: three 4-D module outputs for MeCo."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn, self.conv2 = nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.Conv2d(6, 5, 3)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        a = self.bn(self.conv1(x))
+        b = self.conv2(F.relu(a))
+        return self.fc(b.mean((2, 3))), []
+
+
+def test_meco_against_numpy_on_explicit_feature_maps():
+    torch.manual_seed(0)
+    net = SmallConv()
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        c1 = net.conv1(x[:1])
+        a = F.batch_norm(c1, None, None, net.bn.weight, net.bn.bias, training=True)
+        c2 = net.conv2(F.relu(a))
+    expect = 0.0
+    for fmap in (c1, a, c2):
+        corr = np.nan_to_num(np.corrcoef(fmap[0].flatten(1).double().numpy()))
+        expect += np.real(np.linalg.eig(corr)[0]).min()
+    assert proxies.meco(net, x, None) == pytest.approx(expect, rel=1e-8)
+    assert proxies.meco(net, x[:1], None) == proxies.meco(net, x, None)   # first image only
+
+
+class ConvRelus(nn.Module):
+    """Feature-map ReLUs written three ways, then a ReLU on a vector (which SWAP ignores)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 2, 3, padding=1)
+        self.act, self.fc = nn.ReLU(), nn.Linear(2, 4)
+
+    def forward(self, x):
+        h1 = F.relu(self.c1(x))
+        h2 = self.act(self.c2(h1)).relu()
+        return F.relu(self.fc(h2.mean((2, 3)))), [h1, h2]
+
+
+@pytest.mark.parametrize("n", [5, 70])   # 70: patterns span two 63-bit words
+def test_swap_counts_distinct_patterns_as_a_python_set(n):
+    torch.manual_seed(0)
+    net = ConvRelus()
+    x = torch.randn(n, 2, 3, 3)
+    with torch.no_grad():
+        h1 = F.relu(net.c1(x))
+        h2 = F.relu(net.c2(h1))
+    codes = torch.cat([h1.flatten(1), h2.flatten(1), h2.flatten(1)], 1) > 0   # (n, neurons)
+    patterns = {tuple(col.tolist()) for col in codes.T}
+    assert 2 < len(patterns) < codes.shape[1]
+    assert proxies.swap(net, x, None) == len(patterns)
+
+
+def test_pack_columns_round_trip():
+    bits = torch.rand(130, 9, generator=torch.Generator().manual_seed(0)) > 0.5
+    packed = proxies.pack_columns(bits)
+    assert packed.shape == (9, 3)
+    unpacked = [[(int(packed[j, i // 63]) >> (i % 63)) & 1 for i in range(130)] for j in range(9)]
+    assert torch.equal(torch.tensor(unpacked).T.bool(), bits)
+
+
 # --- every proxy leaves the net as it found it, and is deterministic --------------------------
 
 @pytest.mark.parametrize("name", list(proxies.PROXIES))
@@ -232,3 +361,40 @@ def test_spearman_matches_scipy():
         x = rng.integers(0, 8, size=30).astype(float)    # many ties
         y = x + rng.normal(size=30)
         assert proxies.spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
+
+
+def test_kendall_matches_scipy_and_a_hand_example():
+    # pairs of [1,2,3] vs [1,3,2]: (1,2)+ (1,3)+ (2,3)- -> tau = 1/3
+    assert proxies.kendall([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)
+    assert np.isnan(proxies.kendall([1, 1], [1, 2]))
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 6, size=25).astype(float)
+    y = x + rng.normal(size=25)
+    assert proxies.kendall(x, y) == pytest.approx(stats.kendalltau(x, y)[0], abs=1e-12)
+
+
+# --- ensembles -------------------------------------------------------------------------------
+
+def test_vote_is_a_pairwise_majority_count():
+    a = [3, 1, 2, 0]
+    b = [3, 2, 1, 0]
+    c = [0, 1, 2, 3]
+    # candidate 0 beats 1, 2, 3 on a and b (2 of 3): 3 wins; 1 beats 3 (a, b); 2 beats 3; 3 none
+    # 1 vs 2: a says 2, b says 1, c says 2 -> 2 wins
+    assert proxies.vote_scores([a, b, c]).tolist() == [3, 1, 2, 0]
+    assert proxies.vote_scores([[float("nan"), 1], [0, 1], [0, 1]]).tolist() == [0, 1]
+
+
+def test_mean_rank_and_spec_parsing():
+    assert proxies.mean_rank_scores([[10, 30, 20], [1, 2, 3]]).tolist() == [1, 2.5, 2.5]
+    spec = proxies.ProxySpec("fisher, vote,rank:synflow+meco")
+    assert spec.columns == ["fisher", "synflow", "jacob_cov", "snip", "meco"]
+    assert spec.ranker == "fisher" and spec.label == "fisher_vote_rank-synflow+meco"
+    assert proxies.ProxySpec("synflow").label == "synflow"
+    table = {"synflow": [1, 2, 3], "meco": [3, 2, 1]}
+    assert spec.scores("rank:synflow+meco", table).tolist() == [2, 2, 2]
+    with pytest.raises(UserError, match="unknown proxy 'fishr'"):
+        proxies.ProxySpec("fishr,synflow")
+    with pytest.raises(UserError, match="two proxies or more"):
+        proxies.ProxySpec("rank:synflow")

@@ -1,0 +1,146 @@
+"""fisher_rank.py with several proxies in one pass, ensembles, and the trained re-rank, on a
+tiny generated image folder with WRN-10-1."""
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import fisher_rank
+from funcs import load_genotype, run_cli
+from proxies import rankdata
+
+GOAL = 20000
+TABLES = {}
+ORIGINAL_COST_TABLE = fisher_rank.cost_table
+
+
+@pytest.fixture(autouse=True)
+def cached_cost_tables(monkeypatch):
+    def cost_table(args, num_classes, names):
+        key = (args.arch, args.wrn_depth, args.wrn_width, num_classes, tuple(names))
+        if key not in TABLES:
+            TABLES[key] = ORIGINAL_COST_TABLE(args, num_classes, names)
+        return TABLES[key]
+    monkeypatch.setattr(fisher_rank, "cost_table", cost_table)
+
+
+def argv(data, out, *extra):
+    return ["cifar10", f"--data_loc={data}", "--wrn_depth", "10", "--wrn_width", "1",
+            "--param_goal", str(GOAL), "--tol", "0.3", "--samples", "6", "--batch_size", "8",
+            "--results_dir", str(out / "results"), "--genotype_dir", str(out / "genotypes"),
+            "--save_file", str(out / "archs.csv"), "--no-plot", *extra]
+
+
+def run(*a):
+    return fisher_rank.main(fisher_rank.get_args_parser().parse_args(argv(*a)))
+
+
+SPEC = "vote,snip,rank:snip+params"
+
+
+@pytest.fixture(scope="module")
+def multi(tiny_imagefolder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("multi")
+    return out, run(tiny_imagefolder, out, "--proxy", SPEC, "--top_n", "2")
+
+
+def test_several_proxies_one_pass_one_column_each(tiny_imagefolder, multi):
+    out, s = multi
+    assert s["results"] == str(out / "results" / f"vote_snip_rank-snip+params_at_{GOAL}.csv")
+    df = pd.read_csv(s["results"])
+    # vote's three proxies, then snip's (already there); params is the params column
+    assert list(df.columns) == ["index", "convs", "params", "macs", "synflow", "jacob_cov",
+                                "snip"]
+    # a column holds that proxy on the candidate rebuilt from (seed, index), as a single run
+    args = fisher_rank.resolve(fisher_rank.get_args_parser().parse_args(
+        argv(tiny_imagefolder, out)))
+    from funcs import get_datasets
+    import torch
+    import proxies
+    train, _, _ = get_datasets("cifar10", tiny_imagefolder)
+    (x, y), = fisher_rank.load_batches(train, args, args.seed, torch.device("cpu"))
+    row = df.iloc[3]
+    net = fisher_rank.make_candidate(args, eval(row["convs"]), 10,
+                                     fisher_rank.candidate_key(0, 3), torch.device("cpu"))
+    for name in ("synflow", "jacob_cov", "snip"):
+        assert proxies.get_proxy(name)(net, x, y) == pytest.approx(row[name], rel=1e-6)
+
+
+def test_vote_ranks_by_pairwise_majority_counted_independently(multi):
+    out, s = multi
+    df = pd.read_csv(s["results"])
+    cols = df[["synflow", "jacob_cov", "snip"]].to_numpy()
+    wins = [sum(sum(cols[a] > cols[b]) >= 2 for b in range(len(df)) if b != a)
+            for a in range(len(df))]
+    order = sorted(range(len(df)), key=lambda a: (-wins[a], a))
+    assert s["ranking"] == [int(df["index"][a]) for a in order]       # ranked by the first
+    assert s["vote"] == s["score"] == max(wins)
+    files = os.listdir(out / "genotypes")                               # --top_n 2
+    assert sorted(files) == sorted(f"vote_snip_rank-snip+params_{GOAL}_{df['index'][a]}.csv"
+                                   for a in order[:2])
+    # the rank ensemble of the best row: its mean rank of snip and params
+    mean = (rankdata(df["snip"]) + rankdata(df["params"])) / 2
+    assert s["rank:snip+params"] == mean[order[0]]
+
+
+def test_multi_proxy_search_resumes_to_the_same_file(tiny_imagefolder, tmp_path, multi):
+    out, s = multi
+    full = open(s["results"]).read()
+    (tmp_path / "results").mkdir()
+    name = os.path.basename(s["results"])
+    lines = full.splitlines(keepends=True)
+    (tmp_path / "results" / name).write_text("".join(lines[:4]) + lines[4][:10])  # torn line
+    (tmp_path / "results" / name.replace(".csv", ".json")).write_text(
+        open(s["results"][:-4] + ".json").read())
+    run(tiny_imagefolder, tmp_path, "--proxy", SPEC)
+    assert (tmp_path / "results" / name).read_text() == full
+
+
+def test_bad_proxy_list_is_one_line_and_status_2(tiny_imagefolder, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_cli(fisher_rank.main, fisher_rank.get_args_parser(),
+                argv(tiny_imagefolder, tmp_path, "--proxy", "fisher,synflw"))
+    assert e.value.code == 2
+    assert "unknown proxy 'synflw'" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+
+
+def test_rerank_trains_the_top_k_writes_csv_and_genotype_and_resumes(
+        tiny_imagefolder, tmp_path, monkeypatch):
+    extra = ("--proxy", "snip", "--samples", "4", "--rerank", "2", "--rerank_epochs", "1",
+             "--rerank_train_subset", "16", "--rerank_val_subset", "10")
+    s = run(tiny_imagefolder, tmp_path, *extra)
+    r = s["rerank"]
+    df = pd.read_csv(r["results"])
+    assert r["results"] == str(tmp_path / "results" / f"snip_at_{GOAL}_rerank.csv")
+    assert list(df.columns) == ["index", "convs", "params", "macs", "score", "val_error"]
+    assert list(df["index"]) == s["ranking"][:2]                        # the proxy's top 2
+    scores = pd.read_csv(s["results"]).set_index("index")["snip"]
+    assert list(df["score"]) == [scores[i] for i in df["index"]]
+    assert (((df["val_error"] / 10).round(6)) % 1 == 0).all()           # 10 validation images
+    best = df.sort_values(["val_error", "index"]).iloc[0]
+    assert r["best_index"] == best["index"]
+    assert r["genotype"] == str(tmp_path / "genotypes" / f"snip_{GOAL}_rerank_{best['index']}.csv")
+    assert load_genotype(r["genotype"]) == eval(best["convs"])
+    # resumable: a second run trains nothing, asking for one more trains just that one
+    before = open(r["results"]).read()
+    trained = []
+    monkeypatch.setattr(fisher_rank, "train_candidate",
+                        lambda args, row, folder: trained.append(row["index"]) or 50.0)
+    run(tiny_imagefolder, tmp_path, *extra)
+    assert trained == [] and open(r["results"]).read() == before
+    run(tiny_imagefolder, tmp_path, *extra[:5], "3", *extra[6:])
+    assert trained == [s["ranking"][2]]
+
+
+def test_rerank_refuses_bad_numbers_other_archs_and_torchrun(tiny_imagefolder, tmp_path,
+                                                            monkeypatch):
+    from models import UserError
+    with pytest.raises(UserError, match="--rerank must be >= 0"):
+        run(tiny_imagefolder, tmp_path, "--rerank", "2", "--rerank_epochs", "0")
+    with pytest.raises(UserError, match="cannot be re-ranked"):
+        run(tiny_imagefolder, tmp_path, "--rerank", "2", "--arch", "resnet18")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="without torchrun"):
+        run(tiny_imagefolder, tmp_path, "--rerank", "2")
