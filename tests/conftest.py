@@ -101,3 +101,20 @@ def repo_outputs_untouched():
     after = _repo_outputs()
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
     assert not changed, f"tests wrote into the repository: {changed}"
+
+
+def killed_in_epoch(monkeypatch, epoch, run):
+    """Call run() with main.train_one_epoch raising KeyboardInterrupt as epoch `epoch` starts
+    (a kill mid-run, for the resume tests); main.train_one_epoch is restored afterwards."""
+    import main
+    real, calls = main.train_one_epoch, []
+
+    def killed(*a, **k):
+        calls.append(1)
+        if len(calls) == epoch:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(main, "train_one_epoch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(main, "train_one_epoch", real)

@@ -9,6 +9,7 @@ import torch
 import main as M
 from funcs import DISTILL_TERMS, dist_loss, distill_loss, dkd_loss, run_cli
 from test_main import load, run, teacher_dir  # noqa: F401 (a fixture)
+from conftest import killed_in_epoch
 
 
 def np_softmax(z):
@@ -146,17 +147,8 @@ def test_student_resumes_exactly(method, tiny_imagefolder, teacher_dir, tmp_path
     flags = ["--distill", method, *CHOICES[method], "--epochs", "2"]
     straight = student(tiny_imagefolder, tmp_path / "a", teacher_dir, "s", *flags)
 
-    real, calls = M.train_one_epoch, []
-
-    def killed_in_epoch_2(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(M, "train_one_epoch", killed_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        student(tiny_imagefolder, tmp_path / "b", teacher_dir, "s", *flags)
-    monkeypatch.setattr(M, "train_one_epoch", real)
+    killed_in_epoch(monkeypatch, 2,   # a kill in epoch 2
+                    lambda: student(tiny_imagefolder, tmp_path / "b", teacher_dir, "s", *flags))
     assert load(tmp_path / "b" / "s.t7")["epoch"] == 1
     student(tiny_imagefolder, tmp_path / "b", teacher_dir, "s", "--resume")
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import main as M
-from conftest import ROOT
+from conftest import ROOT, killed_in_epoch
 from funcs import fisher_scores
 from models import WideResNet
 from test_main import base_argv, load
@@ -85,17 +85,8 @@ def test_checkpoint_written_on_cuda_loads_on_cpu(tiny_imagefolder, tmp_path):
 
 def test_checkpoint_written_on_cpu_resumes_on_cuda(tiny_imagefolder, tmp_path, monkeypatch):
     common = ("cifar10", "teacher", "-t", "c", "--epochs", "2")
-    real, calls = M.train_one_epoch, []
-
-    def stop_in_epoch_2(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(M, "train_one_epoch", stop_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        run_main(tiny_imagefolder, tmp_path, *common, "--device", "cpu")
-    monkeypatch.setattr(M, "train_one_epoch", real)
+    killed_in_epoch(monkeypatch, 2,   # a kill in epoch 2
+                    lambda: run_main(tiny_imagefolder, tmp_path, *common, "--device", "cpu"))
     before = load(tmp_path / "c.t7")
     assert before["epoch"] == 1
     out = run_main(tiny_imagefolder, tmp_path, *common, "--device", "cuda", "--resume")

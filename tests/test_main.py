@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import main as M
-from conftest import ROOT
+from conftest import ROOT, killed_in_epoch
 from funcs import run_cli, save_genotype
 
 
@@ -172,17 +172,8 @@ def test_resume_after_kill_equals_uninterrupted(loader, tiny_imagefolder, tmp_pa
               "--seed", "7", "--loader", loader)
     straight = run(tiny_imagefolder, tmp_path / "a", *common, "-t", "x")
 
-    real, calls = M.train_one_epoch, []
-
-    def killed_in_epoch_2(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt   # as a kill during the second epoch
-        return real(*a, **k)
-    monkeypatch.setattr(M, "train_one_epoch", killed_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        run(tiny_imagefolder, tmp_path / "b", *common, "-t", "x")
-    monkeypatch.setattr(M, "train_one_epoch", real)
+    killed_in_epoch(monkeypatch, 2,   # a kill in epoch 2
+                    lambda: run(tiny_imagefolder, tmp_path / "b", *common, "-t", "x"))
     assert load(tmp_path / "b" / "x.t7")["epoch"] == 1
     # resumed with data workers: the images do not depend on them
     argv = base_argv(tiny_imagefolder, tmp_path / "b", *common, "-t", "x", "--resume")

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import main as M
-from test_main import base_argv, load, run
+from test_main import load, run
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+from conftest import killed_in_epoch
 
 
 @pytest.mark.parametrize("native, expected", [(True, (torch.bfloat16, True)),
@@ -82,17 +83,8 @@ def test_resume_under_bf16_equals_uninterrupted(tiny_imagefolder, tmp_path, monk
     common = ("cifar10", "teacher", "--epochs", "2", "--seed", "3", "--amp", "bf16", "-t", "x",
               "--no-plot", "--train_subset", "20", "--val_subset", "10")
     run(tiny_imagefolder, tmp_path / "a", *common)
-    real, calls = M.train_one_epoch, []
-
-    def killed_in_epoch_2(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(M, "train_one_epoch", killed_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        run(tiny_imagefolder, tmp_path / "b", *common)
-    monkeypatch.setattr(M, "train_one_epoch", real)
+    killed_in_epoch(monkeypatch, 2,   # a kill in epoch 2
+                    lambda: run(tiny_imagefolder, tmp_path / "b", *common))
     b = load(tmp_path / "b" / "x.t7")
     assert b["epoch"] == 1 and b["args"]["amp"] == "bf16"
     run(tiny_imagefolder, tmp_path / "b", *common, "--resume")
