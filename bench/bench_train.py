@@ -69,6 +69,9 @@ def main():
           f"{args.rounds} rounds x {args.iters} steps per setting; fp32 = fp32, NCHW; "
           f"default = {runtimes['default'].precision()}")
 
+    student_args = M.get_args_parser().parse_args(["cifar10", "student"])   # AT, main's defaults
+    M.resolve_distill(student_args, None)
+
     def teacher40():
         torch.manual_seed(1)
         return M.build_model("wrn", "Conv", 10, 40, 2).eval().requires_grad_(False)
@@ -77,7 +80,7 @@ def main():
              ("WRN-40-2 teacher", lambda: M.build_model("wrn", "Conv", 10, 40, 2),
               lambda rt: M.teacher_loss_fn),
              ("WRN-16-2 student of WRN-40-2", lambda: M.build_model("wrn", "Conv", 10, 16, 2),
-              lambda rt: M.make_student_loss_fn(rt.place(teacher40()), 0.0, 4.0, 1e3))]
+              lambda rt: M.make_student_loss_fn(rt.place(teacher40()), student_args))]
     first = None
     for name, make_model, make_loss in cases:
         speed = compare(make_model, make_loss, batches, runtimes, args.rounds)
