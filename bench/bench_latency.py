@@ -1,7 +1,7 @@
 """How well the latency table predicts whole-network latency (prints figures, asserts nothing).
 
-    nice python bench/bench_latency.py      # WRN-40-2, batch 1 and 32, minutes (~25 on a
-                                            # CPU shared with six other jobs)
+    python bench/bench_latency.py      # WRN-40-2, batch 1 and 32, about 5 minutes idle
+                                       # (much longer on a CPU shared with other jobs)
     python bench/bench_latency.py --quick --out /tmp/lat.png   # WRN-10-1, a smoke test
 
 For each batch size: the table (cached under --cache_dir), then --n genotypes (--n_large above batch 1) drawn
@@ -21,8 +21,8 @@ import pandas as pd
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from count_ops import CostTable  # noqa: E402
 from funcs import sample_genotypes  # noqa: E402
-from latency import (load_or_measure, measure_network_ms, summarise_errors,  # noqa: E402
-                     wrn_family)
+from latency import (PASSES, fastest_of_passes, load_or_measure,  # noqa: E402
+                     measure_network_ms, summarise_errors, wrn_family)
 from models import SEARCH_SPACE  # noqa: E402
 
 
@@ -59,17 +59,19 @@ def measure_sets(family, table, sets, args, batch, repeats):
     """One row per network, measured in interleaved order."""
     jobs = [(name, g) for name, gs in sets.items() for g in gs]
     order = np.random.default_rng(args.seed).permutation(len(jobs))
-    rows = []
-    for k, j in enumerate(order):
-        name, g = jobs[j]
-        ms = measure_network_ms(family.build(g), family.image_size, batch, args.device,
-                                args.threads, warmup=2, repeats=repeats, clock=args.clock)
-        rows.append({"batch": batch, "set": name, "measured_ms": ms,
-                     "predicted_ms": table.predict(g), "summed_ms": table.predict(g) / table.scale,
-                     "genotype": repr(g)})
-        print(f"\r  batch {batch}: {k + 1}/{len(jobs)} networks", end="", flush=True)
+    jobs = [jobs[j] for j in order]
+    done = []
+
+    def measure(job):
+        done.append(1)
+        print(f"\r  batch {batch}: {len(done)}/{PASSES * len(jobs)} timings", end="", flush=True)
+        return measure_network_ms(family.build(job[1]), family.image_size, batch, args.device,
+                                  args.threads, warmup=2, repeats=repeats, clock=args.clock)
+    measured = fastest_of_passes(measure, jobs)   # as the table's items: the fastest pass
     print()
-    return rows
+    return [{"batch": batch, "set": name, "measured_ms": ms, "predicted_ms": table.predict(g),
+             "summed_ms": table.predict(g) / table.scale, "genotype": repr(g)}
+            for (name, g), ms in zip(jobs, measured)]
 
 
 def report(df):

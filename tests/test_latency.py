@@ -183,3 +183,15 @@ def test_infeasible_latency_goal_is_one_line(tiny_imagefolder, tmp_path, table_a
     assert e.value.code == 2 and len(err) == 1
     assert "predicted latency" in err[0] and f"{lo:.3g} to {hi:.3g} ms" in err[0]
     assert not os.path.exists(tmp_path / "results" / f"fisher_at_lat{lo / 2:g}ms.csv")
+
+
+def test_fastest_of_passes_keeps_each_items_fastest_pass():
+    """Passes run one after another over all items (a slow spell hits one pass of an item),
+    and each item keeps its minimum."""
+    calls, times = [], iter([5.0, 9.0, 7.0,  4.0, 12.0, 8.0,  6.0, 3.0, 30.0])
+
+    def measure(item):
+        calls.append(item)
+        return next(times)
+    assert latency.fastest_of_passes(measure, ["a", "b", "c"], passes=3) == [4.0, 3.0, 7.0]
+    assert calls == ["a", "b", "c"] * 3
