@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
-from funcs import (DIST_CIFAR, DISTILL_TERMS, HelpFormatter, at_loss, atomic_write,
+from funcs import (DIST_CIFAR, DISTILL_TERMS, HelpFormatter, atomic_write,
                    check_writable, distill_loss, distributed_teardown, get_datasets,
                    get_no_params, load_genotype, parse_distill, pick_device, run_cli, subset,
                    subset_indices)

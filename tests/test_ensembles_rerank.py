@@ -2,27 +2,15 @@
 tiny generated image folder with WRN-10-1."""
 import os
 
-import numpy as np
 import pandas as pd
 import pytest
 
 import fisher_rank
 from funcs import load_genotype, run_cli
 from proxies import rankdata
+from test_fisher_rank_cli import cached_cost_tables  # noqa: F401 (autouse: shared cost tables)
 
 GOAL = 20000
-TABLES = {}
-ORIGINAL_COST_TABLE = fisher_rank.cost_table
-
-
-@pytest.fixture(autouse=True)
-def cached_cost_tables(monkeypatch):
-    def cost_table(args, num_classes, names):
-        key = (args.arch, args.wrn_depth, args.wrn_width, num_classes, tuple(names))
-        if key not in TABLES:
-            TABLES[key] = ORIGINAL_COST_TABLE(args, num_classes, names)
-        return TABLES[key]
-    monkeypatch.setattr(fisher_rank, "cost_table", cost_table)
 
 
 def argv(data, out, *extra):

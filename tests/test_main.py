@@ -11,7 +11,7 @@ import torch
 
 import main as M
 from conftest import ROOT, killed_in_epoch
-from funcs import run_cli, save_genotype
+from funcs import at_loss, run_cli, save_genotype
 
 
 def base_argv(data, ckdir, *extra):
@@ -145,7 +145,7 @@ def test_student_loss_matches_formula(pairs, alpha):
     at_sum = sum(np_at_loss(s.numpy(), t.numpy()) for s, t in zip(acts, t_acts))
     want = alpha * 2 * T * T * kl + (1 - alpha) * ce + beta * 3 / pairs * at_sum
     assert got == pytest.approx(want, rel=1e-6)
-    assert M.at_loss(acts[0], t_acts[0]).item() == pytest.approx(
+    assert at_loss(acts[0], t_acts[0]).item() == pytest.approx(
         np_at_loss(acts[0].numpy(), t_acts[0].numpy()), rel=1e-9)
 
 
