@@ -42,9 +42,9 @@ from funcs import (NUM_CLASSES, atomic_write, budget_window, check_writable, cou
                    save_genotype)
 from loaders import (Augment, TensorImages, add_loader_args, augmented_batches, choose_loader,
                      tensor_images)
-from models import (BLOCK_TYPES, SEARCH_SPACE, ResNet, UserError, WideResNet,
-                    load_block_module)
 from latency import load_or_measure, parse_table_device, resnet_family, wrn_family
+from models import (BLOCK_TYPES, SEARCH_SPACE, ResNet, UserError, WideResNet, default_arch,
+                    load_block_module)
 from models.resnet import LAYERS
 
 from proxies import PROXIES, ProxySpec, finite, get_proxy
@@ -140,7 +140,7 @@ def get_args_parser():
 
 def resolve(args):
     """Fill the defaults that depend on other arguments (in place); returns args."""
-    args.arch = args.arch or ("resnet34" if args.dataset == "imagenet" else "wrn")
+    args.arch = args.arch or default_arch(args.dataset)
     if not args.generate_random and args.param_goal is None and args.mac_goal is None \
             and args.latency_goal is None:
         args.param_goal = DEFAULT_PARAM_GOAL
@@ -746,7 +746,7 @@ def check_rerank_args(args):
         raise UserError("--rerank trains in this process: run it without torchrun (the scores "
                         "already in the results file are reused)")
     if args.rerank and not args.generate_random:
-        main_arch = "resnet34" if args.dataset == "imagenet" else "wrn"
+        main_arch = default_arch(args.dataset)
         if args.arch != main_arch:
             raise UserError(f"--rerank trains with main.py, which builds {main_arch} networks "
                             f"for {args.dataset}: --arch {args.arch} cannot be re-ranked")

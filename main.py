@@ -48,7 +48,8 @@ from funcs import (DIST_CIFAR, DISTILL_TERMS, HelpFormatter, atomic_write,
                    get_no_params, load_genotype, parse_distill, pick_device, run_cli, subset,
                    subset_indices)
 from loaders import Augment, TensorLoader, add_loader_args, choose_loader, tensor_images
-from models import ResNet, UserError, WideResNet, get_block_type, load_block_module
+from models import (ResNet, UserError, WideResNet, default_arch, get_block_type,
+                    load_block_module)
 from models.resnet import LAYERS
 
 # Arguments that define the training run: on --resume the checkpoint's values are used, so the
@@ -605,7 +606,7 @@ def requested_arch(args) -> dict:
     (a student's shape is its teacher's unless --diff_shape or --wrn_depth/--wrn_width)."""
     want = {"convs": genotype_arg(args)}   # a list, or one block name for a uniform network
     if args.mode == "teacher":
-        want["arch"] = "resnet34" if args.dataset == "imagenet" else "wrn"
+        want["arch"] = default_arch(args.dataset)
         if want["arch"] == "wrn":
             want["depth"], want["width"] = args.wrn_depth or 40, args.wrn_width or 2
     elif args.diff_shape:
@@ -719,7 +720,7 @@ def new_model(args, num_classes: int, teacher: Optional[nn.Module]) -> nn.Module
     --diff_shape) with the genotype from --from_genotype or --conv."""
     convs = genotype_arg(args)
     if teacher is None:
-        arch = "resnet34" if args.dataset == "imagenet" else "wrn"
+        arch = default_arch(args.dataset)
         depth, width = args.wrn_depth or 40, args.wrn_width or 2
     else:
         info = arch_info(teacher)
