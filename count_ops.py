@@ -10,7 +10,6 @@ once from single blocks, prices hundreds of thousands of genotypes in millisecon
     python count_ops.py --genotype genotypes/bs800k.csv        # WRN-40-2 unless told otherwise
 """
 import argparse
-from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -18,22 +17,12 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.blocks import (SEARCH_SPACE, UserError, get_block_type, make_block,
-                           residual_blocks)
-from models.resnet import LAYERS, ResNet
-from models.wide_resnet import WideResNet, wrn_block_count
-
-
-def count_params(module: nn.Module) -> int:
-    """Learned parameters as the original counts them: the state dict less BN running
-    statistics, `num_batches_tracked` and masks."""
-    return count_state_params(module.state_dict())
-
-
-def count_state_params(state: dict) -> int:
-    """count_params of a saved state dict (a checkpoint's `net`)."""
-    return sum(v.numel() for k, v in state.items()
-               if "running" not in k and "num_batches_tracked" not in k and "mask" not in k)
+from funcs import HelpFormatter, load_genotype, run_cli
+from latency import add_latency_args, print_latency
+from models.archs import Network, network_args
+# count_params lives with the networks; it is imported here for users who take it from here.
+from models.blocks import (SEARCH_SPACE, BlockSlot, UserError, count_params, get_block_type,
+                           load_block_module, make_block, residual_blocks)
 
 
 @torch.no_grad()
@@ -83,37 +72,6 @@ def paper_macs(model: nn.Module, H: int, W: int) -> int:
 # Analytic costs of genotypes.
 # --------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class BlockSlot:
-    """One residual-block position: its channels, stride and input size."""
-    in_planes: int
-    out_planes: int
-    stride: int
-    size: int  # input height = width
-
-
-def wrn_slots(depth: int, width: int, image_size: int = 32) -> List[BlockSlot]:
-    n = wrn_block_count(depth) // 3
-    ch = [16, 16 * width, 32 * width, 64 * width]
-    return _group_slots(ch, [n, n, n], [1, 2, 2], image_size)
-
-
-def resnet_slots(layers: Sequence[int], image_size: int = 224) -> List[BlockSlot]:
-    ch = [64, 64, 128, 256, 512]
-    return _group_slots(ch, list(layers), [1, 2, 2, 2], image_size // 4)  # stem divides by 4
-
-
-def _group_slots(ch, counts, strides, size) -> List[BlockSlot]:
-    slots = []
-    for g, (n, s) in enumerate(zip(counts, strides)):
-        for i in range(n):
-            slots.append(BlockSlot(ch[g] if i == 0 else ch[g + 1], ch[g + 1],
-                                   s if i == 0 else 1, size))
-            if i == 0:
-                size = (size + s - 1) // s
-    return slots
-
-
 def block_cost(name: str, slot: BlockSlot) -> Tuple[int, int]:
     """(params, MACs) of one residual block of type `name` at `slot`."""
     block = make_block(name, slot.in_planes, slot.out_planes, slot.stride)
@@ -149,14 +107,17 @@ class CostTable:
         self.base_macs = macs - sum(c[1] for c in conv)
 
     @classmethod
-    def for_wrn(cls, depth=40, width=2, num_classes=10, names=SEARCH_SPACE, image_size=32):
-        net = WideResNet(depth, width, "Conv", num_classes)
-        return cls(wrn_slots(depth, width, image_size), net, image_size, names)
+    def for_network(cls, net: Network, names=SEARCH_SPACE):
+        """The table of a registered network (models.archs): its slots, its input size."""
+        return cls(net.slots(), net.build("Conv"), net.image_size, names)
 
     @classmethod
-    def for_resnet(cls, arch="resnet34", num_classes=1000, names=SEARCH_SPACE, image_size=224):
-        net = ResNet(LAYERS[arch], "Conv", num_classes)
-        return cls(resnet_slots(LAYERS[arch], image_size), net, image_size, names)
+    def for_wrn(cls, depth=40, width=2, num_classes=10, names=SEARCH_SPACE):
+        return cls.for_network(Network("wrn", depth, width, num_classes), names)
+
+    @classmethod
+    def for_resnet(cls, arch="resnet34", num_classes=1000, names=SEARCH_SPACE):
+        return cls.for_network(Network(arch, None, None, num_classes), names)
 
     @property
     def n_positions(self) -> int:
@@ -190,51 +151,33 @@ class CostTable:
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Parameters and MACs of a network or genotype.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--genotype", help="genotype CSV (None: a uniform network of --conv)")
+                                formatter_class=HelpFormatter, parents=[network_args()])
+    p.add_argument("--genotype", help="genotype CSV (default: a uniform network of --conv)")
     p.add_argument("--conv", default="Conv", help="block type of a uniform network")
-    p.add_argument("--arch", default="wrn", choices=["wrn", *LAYERS], help="network family")
-    p.add_argument("--wrn_depth", default=40, type=int, help="WRN depth, 6n+4")
-    p.add_argument("--wrn_width", default=2, type=int, help="WRN width factor")
     p.add_argument("--num_classes", default=None, type=int,
-                   help="classifier outputs (None: 10 for wrn, 1000 for resnets)")
-    p.add_argument("--module", default=None, help="Python file that registers block types")
+                   help="classifier outputs (default: 10 for wrn, 1000 for resnets)")
     p.add_argument("--latency", action="store_true",
                    help="also the table's predicted and the measured inference latency")
-    p.add_argument("--latency_device", default="cpu", help="device the latency is measured on")
-    p.add_argument("--latency_batch", default=1, type=int, help="batch size the latency is for")
-    p.add_argument("--threads", default=None, type=int, help="torch threads (default: torch's)")
-    p.add_argument("--latency_clock", default="wall", choices=["wall", "cpu"],
-                   help="time latency by the wall, or by CPU time (steadier on a shared CPU)")
+    add_latency_args(p)
     p.add_argument("--latency_dir", default="results/latency", help="latency table cache")
     return p
 
 
 def main(args):
-    from funcs import load_genotype  # funcs imports this module
-    from models.blocks import load_block_module
     if args.num_classes is not None and args.num_classes < 1:
         raise UserError(f"--num_classes must be at least 1, got {args.num_classes}")
-    if args.arch == "wrn" and args.wrn_width < 1:
-        raise UserError(f"--wrn_width must be at least 1, got {args.wrn_width}")
+    net = Network.from_args(args, args.num_classes)
     if args.module:
         load_block_module(args.module)
-    convs = load_genotype(args.genotype) if args.genotype else args.conv
-    if args.arch == "wrn":
-        net = WideResNet(args.wrn_depth, args.wrn_width, convs, args.num_classes or 10)
-        size = 32
-    else:
-        net = ResNet(LAYERS[args.arch], convs, args.num_classes or 1000)
-        size = 224
-    macs, params = measure_model(net, size, size)
-    print(f"params {params:,}  MACs {macs:,} (conv+linear; {paper_macs(net, size, size):,} "
-          f"as the paper counts)  blocks {len(residual_blocks(net))}")
+    model = net.build(load_genotype(args.genotype) if args.genotype else args.conv)
+    size = net.image_size
+    macs, params = measure_model(model, size, size)
+    print(f"params {params:,}  MACs {macs:,} (conv+linear; {paper_macs(model, size, size):,} "
+          f"as the paper counts)  blocks {len(residual_blocks(model))}")
     if args.latency:
-        from latency import print_latency   # latency imports this module
-        print_latency(args, net)
+        print_latency(args, net, model, args.latency_dir)
     return macs, params
 
 
 if __name__ == "__main__":
-    from funcs import run_cli
     run_cli(main, get_args_parser())

@@ -20,7 +20,6 @@ budget, when it has at least --samples of them; else exact samples. Every search
 import argparse
 import copy
 import csv
-import datetime
 import glob
 import hashlib
 import io
@@ -28,6 +27,8 @@ import json
 import os
 import re
 import time
+from dataclasses import dataclass
+from typing import List
 
 import numpy as np
 import pandas as pd
@@ -36,18 +37,18 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from count_ops import CostTable
-from funcs import (NUM_CLASSES, atomic_write, budget_window, check_writable, count_genotypes,
-                   dataset_identity, distributed_teardown, get_datasets,
-                   load_genotype, parse_convs, pick_device, pid_lock, run_cli, sample_genotypes,
-                   save_genotype)
-from loaders import (Augment, TensorImages, add_loader_args, augmented_batches, choose_loader,
+from funcs import (NUM_CLASSES, Budget, HelpFormatter, atomic_write, budget_args, budget_window,
+                   check_writable, count_genotypes, dataset_identity, format_convs,
+                   get_datasets, load_genotype, parse_convs, pid_lock, run_cli,
+                   sample_genotypes, save_genotype)
+from loaders import (Augment, TensorImages, augmented_batches, choose_loader, data_args,
                      tensor_images)
-from latency import load_or_measure, parse_table_device, resnet_family, wrn_family
-from models import (BLOCK_TYPES, SEARCH_SPACE, ResNet, UserError, WideResNet, default_arch,
-                    load_block_module)
-from models.resnet import LAYERS
+from latency import add_latency_args, family_of, load_or_measure, timing_from_args
+from models import (BLOCK_TYPES, SEARCH_SPACE, Network, UserError,
+                    load_block_module, network_args)
 
 from proxies import PROXIES, ProxySpec, finite, get_proxy
+from runtime import Runtime, device_args, distributed_teardown, pick_device, start_runtime
 
 DEFAULT_PARAM_GOAL = 800_000   # the original's default when no goal is given
 DEFAULT_ARCHS = "archs/master_arch.csv"   # --generate_random's file; used when it fits
@@ -65,29 +66,12 @@ def proxy_arg(text: str) -> str:
 def get_args_parser():
     p = argparse.ArgumentParser(description="BlockSwap: rank budget-meeting networks by "
                                             "Fisher potential at initialisation.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("dataset", choices=["cifar10", "cifar100", "imagenet"])
-    p.add_argument("--data_loc", default=None,
-                   help="torchvision CIFAR folder or an image folder train/ + test|val/")
-    p.add_argument("--download", action="store_true", help="fetch CIFAR into --data_loc")
-    p.add_argument("--arch", default=None, choices=["wrn", *LAYERS],
-                   help="network family (None: wrn for CIFAR, resnet34 for imagenet)")
-    p.add_argument("--wrn_depth", default=40, type=int, help="WRN depth, 6n+4")
-    p.add_argument("--wrn_width", default=2, type=int, help="WRN width factor")
-    p.add_argument("--param_goal", default=None, type=int,
-                   help=f"parameter budget (scoring defaults to {DEFAULT_PARAM_GOAL:,})")
-    p.add_argument("--mac_goal", default=None, type=int, help="MAC budget (may join params)")
+                                formatter_class=HelpFormatter,
+                                parents=[data_args(), network_args(), budget_args(),
+                                         device_args()])
     p.add_argument("--latency_goal", default=None, type=float,
                    help="predicted inference latency budget in ms (may join params/MACs)")
-    p.add_argument("--latency_device", default=None,
-                   help="device whose latency table prices candidates (default: --device)")
-    p.add_argument("--latency_batch", default=1, type=int, help="batch size the latency is for")
-    p.add_argument("--threads", default=None, type=int,
-                   help="torch threads while timing latency (default: torch's own count)")
-    p.add_argument("--latency_clock", default="wall", choices=["wall", "cpu"],
-                   help="time latency by the wall, or by CPU time (steadier on a shared CPU)")
-    p.add_argument("--tol", default=0.025, type=float,
-                   help="window half-width, a fraction between 0 and 1 (0.025: +-2.5%%)")
+    add_latency_args(p)
     p.add_argument("--samples", default=1000, type=int, help="candidates to score / generate")
     p.add_argument("--seed", default=0, type=int, help="sampling, minibatch and init seed")
     p.add_argument("--batch_size", default=128, type=int, help="images per scoring minibatch")
@@ -99,20 +83,15 @@ def get_args_parser():
                         f"{', '.join(PROXIES)}; an ensemble 'vote' or 'rank:a+b+c'; or a "
                         "comma-separated list, one column each, ranked by the first")
     p.add_argument("--top_n", default=1, type=int, help="genotype files kept for the best n")
-    p.add_argument("--workers", default=0, type=int, help="data loading processes")
-    add_loader_args(p)
-    p.add_argument("--device", default="auto",
-                   help="cpu, cuda, cuda:1 or mps (auto: cuda, else mps, else cpu)")
-    p.add_argument("--module", default=None, help="Python file that registers block types")
     p.add_argument("--blocks", default=None,
                    help="comma-separated search space (None: the paper's 24 + --module's)")
     p.add_argument("--generate_random", action="store_true",
                    help="write --samples random genotypes to --save_file and stop")
     p.add_argument("--save_file", default=DEFAULT_ARCHS,
                    help="archs file: written by --generate_random; when scoring, the candidates "
-                        "are its rows within the budget if at least --samples of them are (the "
-                        "default file is skipped with a message when it does not fit, a named "
-                        "one is an error); 'none': exact samples")
+                        "are its rows within the budget if at least --samples of them are "
+                        f"({DEFAULT_ARCHS} is skipped with a message when it does not fit, a "
+                        "file you name is an error); 'none': exact samples")
     p.add_argument("--overwrite", action="store_true", help="let --generate_random replace it")
     p.add_argument("--results_dir", default="results",
                    help="<proxy>_at_<goal>.csv/.json/.png and _best.csv (the best genotype)")
@@ -140,11 +119,12 @@ def get_args_parser():
 
 def resolve(args):
     """Fill the defaults that depend on other arguments (in place); returns args."""
-    args.arch = args.arch or default_arch(args.dataset)
+    net = Network.from_args(args)     # fills --arch, and WRN's depth and width
+    args.arch, args.wrn_depth, args.wrn_width = net.arch, net.depth, net.width
     if not args.generate_random and args.param_goal is None and args.mac_goal is None \
             and args.latency_goal is None:
         args.param_goal = DEFAULT_PARAM_GOAL
-    args.device = str(pick_device(None if args.device == "auto" else args.device))
+    args.device = str(pick_device(args.device))
     for name in ("samples", "batch_size", "minibatches", "top_n"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -168,16 +148,13 @@ def search_space(args):
     return list(SEARCH_SPACE) + [n for n in BLOCK_TYPES if n not in before]
 
 
-def build_net(args, genotype, num_classes):
-    if args.arch == "wrn":
-        return WideResNet(args.wrn_depth, args.wrn_width, genotype, num_classes)
-    return ResNet(LAYERS[args.arch], genotype, num_classes)
+def network(args, num_classes=None) -> Network:
+    """The searched network (models.archs): --arch, --wrn_depth, --wrn_width."""
+    return Network.from_args(args, num_classes)
 
 
 def cost_table(args, num_classes, names) -> CostTable:
-    if args.arch == "wrn":
-        return CostTable.for_wrn(args.wrn_depth, args.wrn_width, num_classes, names)
-    return CostTable.for_resnet(args.arch, num_classes, names)
+    return CostTable.for_network(network(args, num_classes), names)
 
 
 def goal_label(args) -> str:
@@ -201,12 +178,6 @@ def in_budget(args, params: np.ndarray, macs: np.ndarray) -> np.ndarray:
 # Latency goals (latency.py): a measured table, quantised for the exact sampler
 # --------------------------------------------------------------------------------------------
 
-def latency_family(args, num_classes):
-    if args.arch == "wrn":
-        return wrn_family(args.wrn_depth, args.wrn_width, num_classes)
-    return resnet_family(args.arch, num_classes)
-
-
 def with_latency(args, table, num_classes, names):
     """`table`, or a copy carrying .latency (integer costs) when --latency_goal is given.
     The latency table is cached under <results_dir>/latency/ (measured on first use)."""
@@ -214,14 +185,9 @@ def with_latency(args, table, num_classes, names):
         return table
     if not args.latency_goal > 0:   # before minutes of measuring
         raise UserError(f"--latency_goal must be a positive number of ms, got {args.latency_goal}")
-    for name in ("latency_batch", "threads"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    device = parse_table_device(args.latency_device, args.device)
-    lat = load_or_measure(latency_family(args, num_classes), names, device,
-                          args.latency_batch, args.threads,
-                          cache_dir=os.path.join(args.results_dir, "latency"),
-                          clock=args.latency_clock)
+    lat = load_or_measure(family_of(network(args, num_classes)), names,
+                          timing_from_args(args, args.device),
+                          cache_dir=os.path.join(args.results_dir, "latency"))
     table = copy.copy(table)   # the caller's table stays latency-free
     table.latency = lat.quantise(args.latency_goal)
     return table
@@ -322,13 +288,12 @@ def get_candidates(args, table):
         if from_file is not None:
             return from_file
     n = args.samples
-    available = count_genotypes(table, args.param_goal, args.mac_goal, args.tol,
-                                latency=table.latency)
+    budget = Budget.from_args(args, table.latency)
+    available = count_genotypes(table, budget)
     if available < n:
         print(f"only {int(available)} genotypes meet this budget: scoring all of them")
         n = int(available)
-    return sample_genotypes(table, n, args.param_goal, args.mac_goal, args.tol,
-                            args.seed, latency=table.latency), "sampled"
+    return sample_genotypes(table, n, budget, args.seed), "sampled"
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,7 +339,7 @@ def score_candidate(net, batches, proxy) -> float:
 def make_candidate(args, genotype, num_classes, key, device):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(key)
-        return build_net(args, genotype, num_classes).to(device)
+        return network(args, num_classes).build(genotype).to(device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,7 +381,7 @@ class ResultsWriter:
 
     def write_row(self, row):
         self.writer.writerow([row[c] if c != "convs" or isinstance(row[c], str)
-                              else repr(list(row[c])) for c in self.columns])
+                              else format_convs(row[c]) for c in self.columns])
         self.f.flush()
         os.fsync(self.f.fileno())
 
@@ -430,7 +395,7 @@ def write_rows(path, rows, columns):
     w = csv.writer(text, lineterminator="\n")
     w.writerow(columns)
     for r in sorted(rows.values(), key=lambda r: r["index"]):
-        w.writerow([repr(list(r[c])) if c == "convs" else r[c] for c in columns])
+        w.writerow([format_convs(r[c]) if c == "convs" else r[c] for c in columns])
     atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 
@@ -452,44 +417,22 @@ def check_settings(path, settings):
 # Distributed: each rank scores every world-th candidate into its own shard file; rank 0 merges
 # --------------------------------------------------------------------------------------------
 
-def init_distributed(args):
-    """(rank, world, device). torchrun sets WORLD_SIZE; gloo on CPU, nccl on GPU."""
-    device = torch.device(args.device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(hours=12))
-    return dist.get_rank(), world, device
-
-
-def shard_path(path, rank):
-    return f"{path[:-4]}.rank{rank}.csv"
-
-
-def read_done(path, score_col):
+def read_done(paths: "SearchPaths", score_col):
     """Every candidate already scored: the main file and any shard files."""
-    rows = read_rows(path, score_col)
-    for s in sorted(glob.glob(f"{glob.escape(path[:-4])}.rank*.csv")):
+    rows = read_rows(paths.results, score_col)
+    for s in paths.shards():
         rows.update(read_rows(s, score_col))
     return rows
 
 
-def merge_shards(path, score_col, columns):
+def merge_shards(paths: "SearchPaths", score_col, columns):
     """Fold every shard file into the main results file (index order), then remove them."""
-    shards = sorted(glob.glob(f"{glob.escape(path[:-4])}.rank*.csv"))
-    if not shards:
-        return read_rows(path, score_col)
-    rows = read_rows(path, score_col)
-    for s in shards:
-        rows.update(read_rows(s, score_col))
-    write_rows(path, rows, columns)
-    for s in shards:
-        os.remove(s)
+    shards = paths.shards()
+    rows = read_done(paths, score_col)
+    if shards:
+        write_rows(paths.results, rows, columns)
+        for s in shards:
+            os.remove(s)
     return rows
 
 
@@ -497,25 +440,74 @@ def merge_shards(path, score_col, columns):
 # The search
 # --------------------------------------------------------------------------------------------
 
-def score_all(args, todo, genotypes, table, num_classes, train_set, device, out_path,
-              columns, best, on_new_best, show):
-    """Score candidates `todo` (indices), appending each to out_path. Returns the count."""
+@dataclass(frozen=True)
+class SearchPaths:
+    """Every file of one search, named after results/<proxy>_at_<goal>."""
+    stem: str
+
+    @classmethod
+    def of(cls, args) -> "SearchPaths":
+        return cls(os.path.join(args.results_dir,
+                                f"{ProxySpec(args.proxy).label}_at_{goal_label(args)}"))
+
+    results = property(lambda self: self.stem + ".csv")       # one row per candidate
+    settings = property(lambda self: self.stem + ".json")     # what a resumed run must share
+    lock = property(lambda self: self.stem + ".lock")
+    best = property(lambda self: self.stem + "_best.csv")     # the best genotype, always
+    plot = property(lambda self: self.stem + ".png")
+    rerank = property(lambda self: self.stem + "_rerank.csv")
+    rerank_settings = property(lambda self: self.stem + "_rerank.json")
+    rerank_dir = property(lambda self: self.stem + "_rerank")  # its checkpoints and genotypes
+
+    def shard(self, rank: int) -> str:
+        """The file rank `rank` of a torchrun search appends to (merged by rank 0)."""
+        return f"{self.stem}.rank{rank}.csv"
+
+    def shards(self) -> List[str]:
+        return sorted(glob.glob(f"{glob.escape(self.stem)}.rank*.csv"))
+
+
+@dataclass
+class Search:
+    """One search as it runs: its settings (args), candidates and their cost table, the
+    training images, its files and its process."""
+    args: argparse.Namespace
+    genotypes: List[List[str]]
+    table: CostTable
+    num_classes: int
+    train_set: object
+    paths: SearchPaths
+    rt: Runtime
+
+    @property
+    def score_cols(self) -> List[str]:
+        """The proxies scored into columns (the `params` proxy is the params column)."""
+        return [c for c in ProxySpec(self.args.proxy).columns if c != "params"]
+
+    @property
+    def columns(self) -> List[str]:
+        return ["index", "convs", "params", "macs", *latency_row(self.table, None),
+                *self.score_cols]
+
+
+def score_all(search: Search, todo, out_path: str, best, on_new_best) -> int:
+    """Score candidates `todo` (indices), appending each to out_path; on_new_best(row) for
+    each new best. Returns the count."""
+    args, device = search.args, search.rt.device
     spec = ProxySpec(args.proxy)
-    # the `params` proxy is the params column (count_ops), not a second one
-    fns = {name: get_proxy(name) for name in spec.columns if name != "params"}
+    fns = {name: get_proxy(name) for name in search.score_cols}
     score_col = spec.ranker if spec.ranker in spec.columns else None   # ensembles rank last
-    shared = None if args.resample_batch else load_batches(train_set, args, args.seed, device)
-    writer = ResultsWriter(out_path, columns)
-    bar = tqdm(todo, disable=not show, desc=f"{args.proxy} at {goal_label(args)}")
+    shared = (None if args.resample_batch
+              else load_batches(search.train_set, args, args.seed, device))
+    writer = ResultsWriter(out_path, search.columns)
+    bar = tqdm(todo, disable=not search.rt.main, desc=f"{args.proxy} at {goal_label(args)}")
     try:
         for i in bar:
             key = candidate_key(args.seed, i)
-            batches = shared or load_batches(train_set, args, key, device)
-            net = make_candidate(args, genotypes[i], num_classes, key, device)
-            params, macs = table.cost(genotypes[i])
-            row = {"index": i, "convs": genotypes[i], "params": params, "macs": macs,
-                   **{name: score_candidate(net, batches, fn) for name, fn in fns.items()},
-                   **latency_row(table, genotypes[i])}
+            batches = shared or load_batches(search.train_set, args, key, device)
+            net = make_candidate(args, search.genotypes[i], search.num_classes, key, device)
+            row = candidate_row(search, i, {name: score_candidate(net, batches, fn)
+                                            for name, fn in fns.items()})
             writer.write_row(row)
             if score_col is None:
                 continue
@@ -528,6 +520,14 @@ def score_all(args, todo, genotypes, table, num_classes, train_set, device, out_
     return len(todo)
 
 
+def candidate_row(search: Search, i: int, scores: dict) -> dict:
+    """The results row of candidate i: its genotype, costs and scores."""
+    genotype = search.genotypes[i]
+    params, macs = search.table.cost(genotype)
+    return {"index": i, "convs": genotype, "params": params, "macs": macs, **scores,
+            **latency_row(search.table, genotype)}
+
+
 def genotype_path(args, row):
     """genotypes/<goal>_<index>.csv as the original; other proxies prefix their name, so a
     comparison run never overwrites the Fisher search's files."""
@@ -535,16 +535,11 @@ def genotype_path(args, row):
     return os.path.join(args.genotype_dir, f"{prefix}{goal_label(args)}_{row['index']}.csv")
 
 
-def best_path(out_path):
-    """results/<proxy>_at_<goal>_best.csv: the best genotype of this search, always."""
-    return out_path[:-4] + "_best.csv"
-
-
-def save_best(args, row, out_path):
+def save_best(args, row, paths: SearchPaths):
     """A new best: its genotype file (rank 1) and the fixed best file."""
     score = row[ProxySpec(args.proxy).ranker]
     save_genotype(genotype_path(args, row), row["convs"], score, row["index"], rank=1)
-    save_genotype(best_path(out_path), row["convs"], score, row["index"], rank=1)
+    save_genotype(paths.best, row["convs"], score, row["index"], rank=1)
 
 
 def genotype_files(args):
@@ -566,7 +561,7 @@ def check_genotype_files(args, genotypes):
                             "one): pass another --genotype_dir, or move that file away")
 
 
-def select_rows(rows, n, out_path):
+def select_rows(rows, n, out_path: str):
     """The stored candidates this run ranks: the first n (--samples); says so when more are
     stored (a search that scored more before)."""
     if max(rows, default=-1) < n:
@@ -608,74 +603,75 @@ def search(args):
     check_writable(args.genotype_dir, "--genotype_dir")
     if args.best_file:
         check_writable(os.path.dirname(args.best_file) or ".", "--best_file")
-    rank, world, device = init_distributed(args)
+    rt = start_runtime(args.device)
     train_set, _, num_classes = get_datasets(args.dataset, args.data_loc, args.download)
     table = with_latency(args, cost_table(args, num_classes, names), num_classes, names)
     genotypes, source = get_candidates(args, table)
-    out_path = os.path.join(args.results_dir,
-                            f"{ProxySpec(args.proxy).label}_at_{goal_label(args)}.csv")
+    paths = SearchPaths.of(args)
     settings = search_settings(args, names, num_classes, source, train_set, table)
-    train_set = training_images(args, train_set, device)
-    if rank != 0:
-        return run_search(args, genotypes, settings, table, num_classes, train_set, out_path,
-                          rank, world, device)
-    if os.path.isfile(out_path[:-4] + ".json"):   # a resumed search: compare only, first
-        check_settings(out_path[:-4] + ".json", settings)
+    run = Search(args, genotypes, table, num_classes,
+                 training_images(args, train_set, rt.device), paths, rt)
+    if not rt.main:
+        return run_search(run, settings)
+    if os.path.isfile(paths.settings):   # a resumed search: compare only, first
+        check_settings(paths.settings, settings)
     check_genotype_files(args, genotypes)
     os.makedirs(args.results_dir, exist_ok=True)
-    with pid_lock(out_path[:-4] + ".lock", out_path):
-        return run_search(args, genotypes, settings, table, num_classes, train_set, out_path,
-                          rank, world, device)
+    with pid_lock(paths.lock, paths.results):
+        return run_search(run, settings)
 
 
-def run_search(args, genotypes, settings, table, num_classes, train_set, out_path, rank, world,
-               device):
+def run_search(search: Search, settings: dict):
     """Check or write the settings, score what is not yet scored, merge, summarise."""
-    spec = ProxySpec(args.proxy)
-    score_col = [c for c in spec.columns if c != "params"]   # params: its own column
-    columns = ["index", "convs", "params", "macs", *latency_row(table, None), *score_col]
-    if rank == 0:
-        check_settings(out_path[:-4] + ".json", settings)
-    if world > 1:
+    args, rt, paths = search.args, search.rt, search.paths
+    if rt.main:
+        check_settings(paths.settings, settings)
+    if rt.world > 1:
         dist.barrier()
-        check_settings(out_path[:-4] + ".json", settings)
-
-    done = read_done(out_path, score_col) if rank == 0 else None
-    if world > 1:   # rank 0 reads (and repairs) every file; the others learn from it
-        box = [done]
-        dist.broadcast_object_list(box, src=0)
-        done = box[0]
-    done = {i: r for i, r in done.items() if i < len(genotypes)}   # beyond --samples: kept
-    for i, r in done.items():
-        if r["convs"] != genotypes[i]:
-            raise UserError(f"{out_path}: candidate {i} there is not candidate {i} now (the "
-                            "candidates changed): rerun with the same settings and archs "
-                            "file, or move the results file away")
-
-    todo = [i for i in range(rank, len(genotypes), world) if i not in done]
+        check_settings(paths.settings, settings)
+    done = scored_before(search)
+    spec = ProxySpec(args.proxy)
+    todo = [i for i in range(rt.rank, len(search.genotypes), rt.world) if i not in done]
     best = (max(done.values(), key=lambda r: r[spec.ranker], default=None)
             if spec.ranker in spec.columns else None)
-    single = world == 1
+    single = rt.world == 1
     start = time.time()
-    n = score_all(args, todo, genotypes, table, num_classes, train_set, device,
-                  out_path if single else shard_path(out_path, rank), columns, best,
-                  (lambda row: save_best(args, row, out_path)) if single else (lambda row: None),
-                  show=rank == 0)
+    n = score_all(search, todo, paths.results if single else paths.shard(rt.rank), best,
+                  (lambda row: save_best(args, row, paths)) if single else (lambda row: None))
     seconds = time.time() - start
-    if world > 1:   # also the barrier before the merge
-        total = torch.tensor([n], device=device)
+    if rt.world > 1:   # also the barrier before the merge
+        total = torch.tensor([n], device=rt.device)
         dist.all_reduce(total)
         n = int(total)
-    if rank != 0:
+    if not rt.main:
         return None
-    rows = select_rows(merge_shards(out_path, score_col, columns), len(genotypes), out_path)
-    result = summarise(args, rows, out_path, n, seconds)
+    rows = select_rows(merge_shards(paths, search.score_cols, search.columns),
+                       len(search.genotypes), paths.results)
+    result = summarise(args, rows, paths, n, seconds)
     if args.rerank:
-        result["rerank"] = rerank(args, result, rows, out_path)
+        result["rerank"] = rerank(args, rows, paths)
     return result
 
 
-def write_ranked(args, ranked, out_path, ranker):
+def scored_before(search: Search) -> dict:
+    """{index: row} of this search's candidates already in its files (rank 0 reads and
+    repairs them and tells the other ranks); refuses files of other candidates."""
+    rt, paths = search.rt, search.paths
+    done = read_done(paths, search.score_cols) if rt.main else None
+    if rt.world > 1:
+        box = [done]
+        dist.broadcast_object_list(box, src=0)
+        done = box[0]
+    done = {i: r for i, r in done.items() if i < len(search.genotypes)}   # beyond --samples
+    for i, r in done.items():
+        if r["convs"] != search.genotypes[i]:
+            raise UserError(f"{paths.results}: candidate {i} there is not candidate {i} now "
+                            "(the candidates changed): rerun with the same settings and archs "
+                            "file, or move the results file away")
+    return done
+
+
+def write_ranked(args, ranked, paths: SearchPaths, ranker):
     """Genotype files with their rank: the top --top_n, and every file of this search already
     in --genotype_dir (an earlier best) with its rank now; the best last, so the newest file is
     the best. The best also goes to the fixed results/<proxy>_at_<goal>_best.csv."""
@@ -684,36 +680,35 @@ def write_ranked(args, ranked, out_path, ranker):
         if k <= args.top_n or r["index"] in existing:
             save_genotype(genotype_path(args, r), r["convs"], r[ranker], r["index"], rank=k)
     b = ranked[0]
-    save_genotype(best_path(out_path), b["convs"], b[ranker], b["index"], rank=1)
+    save_genotype(paths.best, b["convs"], b[ranker], b["index"], rank=1)
 
 
-def summarise(args, rows, out_path, n_scored, seconds):
+def summarise(args, rows, paths: SearchPaths, n_scored, seconds):
     """Write the genotype files of the top n, ranked, and print and return the summary."""
     if not rows:
         raise UserError("no candidates were scored")
     spec = ProxySpec(args.proxy)
     ranked = rank_rows(spec, rows)
-    write_ranked(args, ranked, out_path, spec.ranker)
+    write_ranked(args, ranked, paths, spec.ranker)
     b = ranked[0]
     if args.best_file:
         save_genotype(args.best_file, b["convs"], b[spec.ranker], b["index"])
     if args.plot:
         from plots import plot_search
-        plot_search(out_path, out_path[:-4] + ".png", args.param_goal, args.mac_goal, args.tol,
-                    score=spec.columns[0], latency_goal=args.latency_goal)
+        plot_search(paths.results, paths.plot, score=spec.columns[0])
     per = seconds / n_scored if n_scored else float("nan")
     lat = f"latency {b['latency_ms']:.3g} ms  " if "latency_ms" in b else ""
     print(f"best of {len(rows)}: #{b['index']}  params {b['params']:,}  MACs {b['macs']:,}  {lat}"
           f"{spec.ranker} {b[spec.ranker]:.6g}  ({n_scored} scored now, {per:.3f} s each)  "
-          f"-> {best_path(out_path)}")
+          f"-> {paths.best}")
     for k, r in enumerate(ranked[:args.top_n], 1):
         print(f"  rank {k}: #{r['index']}  {spec.ranker} {r[spec.ranker]:.6g}  "
               f"-> {genotype_path(args, r)}")
     return {"best_index": b["index"], "best_genotype": b["convs"], "params": b["params"],
             "macs": b["macs"], "latency_ms": b.get("latency_ms"), "score": b[spec.ranker],
             args.proxy: b[spec.ranker], **{item: b[item] for item in spec.items + spec.columns},
-            "proxy": args.proxy, "results": out_path, "genotype": genotype_path(args, b),
-            "best_file": best_path(out_path),
+            "proxy": args.proxy, "results": paths.results, "genotype": genotype_path(args, b),
+            "best_file": paths.best,
             "n_candidates": len(rows), "n_scored": n_scored, "seconds_per_candidate": per,
             "ranking": [r["index"] for r in ranked]}
 
@@ -738,41 +733,25 @@ RERANK_COLUMNS = ["index", "convs", "params", "macs", "score", "val_error"]
 
 
 def check_rerank_args(args):
-    """Before anything is scored: --rerank's numbers, and a network main.py can train."""
+    """Before anything is scored: --rerank's numbers, and one process (no torchrun)."""
     if args.rerank < 0 or args.rerank_epochs < 1:
         raise UserError(f"--rerank must be >= 0 and --rerank_epochs >= 1 (got {args.rerank} and "
                         f"{args.rerank_epochs})")
     if args.rerank and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("--rerank trains in this process: run it without torchrun (the scores "
                         "already in the results file are reused)")
-    if args.rerank and not args.generate_random:
-        main_arch = default_arch(args.dataset)
-        if args.arch != main_arch:
-            raise UserError(f"--rerank trains with main.py, which builds {main_arch} networks "
-                            f"for {args.dataset}: --arch {args.arch} cannot be re-ranked")
 
 
 def train_candidate(args, row, folder) -> float:
     """Train one candidate with main.py's teacher training (cross-entropy, cosine schedule,
     same data path); returns its final validation error (%)."""
-    import main as trainer   # a script, imported only when re-ranking
-    name = f"candidate_{row['index']}"
-    geno_csv = os.path.join(folder, "genotypes", name + ".csv")
-    save_genotype(geno_csv, row["convs"], index=row["index"])
-    argv = [args.dataset, "teacher", "--data_loc", args.data_loc, "--from_genotype", geno_csv,
-            "-t", name, "--checkpoint_dir", os.path.join(folder, "checkpoints"),
-            "--epochs", str(args.rerank_epochs), "--lr", str(args.rerank_lr), "--cosine",
-            "--batch_size", str(args.batch_size), "--workers", str(args.workers),
-            "--seed", str(args.seed), "--device", args.device, "--overwrite", "--no-plot"]
-    if args.arch == "wrn":
-        argv += ["--wrn_depth", str(args.wrn_depth), "--wrn_width", str(args.wrn_width)]
-    for flag, value in (("--train_subset", args.rerank_train_subset),
-                        ("--val_subset", args.rerank_val_subset), ("--module", args.module)):
-        if value is not None:
-            argv += [flag, str(value)]
-    trainer.main(trainer.get_args_parser().parse_args(argv))
-    ckpt = trainer.load_checkpoint(os.path.join(folder, "checkpoints", name + ".t7"))
-    return float(ckpt["val_errors"][-1])
+    import main as trainer   # the training script, needed only when re-ranking
+    return trainer.train_genotype(row["convs"], folder, f"candidate_{row['index']}", dict(
+        dataset=args.dataset, data_loc=args.data_loc, arch=args.arch,
+        wrn_depth=args.wrn_depth, wrn_width=args.wrn_width, epochs=args.rerank_epochs,
+        lr=args.rerank_lr, batch_size=args.batch_size, workers=args.workers, seed=args.seed,
+        device=args.device, train_subset=args.rerank_train_subset,
+        val_subset=args.rerank_val_subset, module=args.module, **{"no-plot": True}))
 
 
 def read_rerank(path):
@@ -785,14 +764,13 @@ def read_rerank(path):
     return rows
 
 
-def rerank(args, summary, rows, out_path):
+def rerank(args, rows, paths: SearchPaths):
     """Train the top --rerank candidates by the proxy (appending each to <results>_rerank.csv
     as it finishes, so a rerun resumes), then write the lowest-error one as a genotype file."""
     spec = ProxySpec(args.proxy)
     top = rank_rows(spec, rows)[:args.rerank]
-    path = out_path[:-4] + "_rerank.csv"
-    folder = path[:-4]
-    check_settings(path[:-4] + ".json", {
+    path, folder = paths.rerank, paths.rerank_dir
+    check_settings(paths.rerank_settings, {
         "epochs": args.rerank_epochs, "lr": args.rerank_lr, "batch_size": args.batch_size,
         "seed": args.seed, "train_subset": args.rerank_train_subset,
         "val_subset": args.rerank_val_subset, "proxy": args.proxy})
@@ -831,11 +809,11 @@ def generate_random(args, names):
     num_classes = NUM_CLASSES[args.dataset]
     table = with_latency(args, cost_table(args, num_classes, names), num_classes, names)
     with tqdm(total=args.samples, desc="genotypes") as bar:
-        genotypes = sample_genotypes(table, args.samples, args.param_goal, args.mac_goal,
-                                     args.tol, args.seed, progress=bar.update,
-                                     latency=table.latency)
+        genotypes = sample_genotypes(table, args.samples, Budget.from_args(args, table.latency),
+                                     args.seed, progress=bar.update)
     params, macs = table.cost_many(np.stack([table.encode(g) for g in genotypes]))
-    df = pd.DataFrame({"convs": [repr(g) for g in genotypes], "params": params, "macs": macs})
+    df = pd.DataFrame({"convs": [format_convs(g) for g in genotypes], "params": params,
+                       "macs": macs})
     if table.latency is not None:
         df["latency_ms"] = [latency_row(table, g)["latency_ms"] for g in genotypes]
     atomic_write(args.save_file, lambda f: f.write(df.to_csv().encode()))

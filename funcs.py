@@ -5,7 +5,6 @@ import ast
 import contextlib
 import copy
 import csv
-import gc
 import hashlib
 import math
 import os
@@ -19,12 +18,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from count_ops import count_params
-from models.blocks import UserError, get_block_type, residual_blocks
+from models.archs import Network
+
+from models.blocks import UserError, count_params, get_block_type, residual_blocks
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,45 +67,15 @@ def check_writable(folder: str, flag: str) -> None:
                         f"pass another {flag}")
 
 
-@contextlib.contextmanager
-def distributed_teardown():
-    """Leave a torchrun process group cleanly when the body finishes. On success: free DDP's
-    reducer (gc), wait for every rank, then destroy the group; torch 2.14's gloo aborts at exit
-    now and then ('terminate called without an active exception') when a process leaves with
-    those still alive, or while another rank is still working. On an error: destroy only
-    (another rank may never reach a barrier)."""
-    try:
-        yield
-    except BaseException:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-        raise
-    if dist.is_available() and dist.is_initialized():
-        gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def pick_device(name: Optional[str] = None, local_rank: int = 0) -> torch.device:
-    """The device to run on: `name` (cuda, cuda:N, mps or cpu), or CUDA, else MPS, else CPU.
-    A plain "cuda" means this process's GPU (torchrun's LOCAL_RANK)."""
-    if name is None:
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: no CUDA GPU is visible (check --GPU / "
-                            "CUDA_VISIBLE_DEVICES)")
-        return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps: MPS is not available on this machine")
-    if name not in ("mps", "cpu"):
-        raise UserError(f"--device {name}: expected cuda, cuda:N, mps or cpu")
-    return torch.device(name)
+def budget_args() -> argparse.ArgumentParser:
+    """--param_goal, --mac_goal and --tol as every script that samples takes them (a parent)."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("budget")
+    g.add_argument("--param_goal", default=None, type=int, help="parameter budget")
+    g.add_argument("--mac_goal", default=None, type=int, help="MAC budget (may join params)")
+    g.add_argument("--tol", default=0.025, type=float,
+                   help="window half-width, a fraction between 0 and 1 (0.025: +-2.5%%)")
+    return p
 
 
 def get_no_params(net: nn.Module, verbose: bool = False) -> int:
@@ -224,6 +193,11 @@ def parse_convs(cell: str, where: str = "genotype") -> List[str]:
     return names
 
 
+def format_convs(genotype: Sequence[str]) -> str:
+    """The `convs` cell of a genotype: a Python list literal, as parse_convs reads it back."""
+    return repr([str(n) for n in genotype])
+
+
 def load_genotype(path: str) -> List[str]:
     """The genotype (list of block names) in the first row of a genotype CSV."""
     if os.path.isdir(path):
@@ -249,9 +223,61 @@ def save_genotype(path: str, genotype: Sequence[str], fisher: float = 0.0, index
 
     def write(f):
         text = (f",index,convs,fisher{head}\n"
-                + f'0,{index},"{genotype!r}",{float(fisher)!r}{tail}\n')
+                + f'0,{index},"{format_convs(genotype)}",{float(fisher)!r}{tail}\n')
         f.write(text.encode())
     atomic_write(path, write)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints (main.py writes them; plots.py, fisher_rank.py and study.py read them): a dict
+# with the weights ('net'), the network (arch, depth, width, num_classes, convs), the epoch,
+# the optimiser state and the per-epoch record.
+# --------------------------------------------------------------------------------------------
+
+def arch_info(model: nn.Module) -> dict:
+    """What rebuilds `model` (models.archs.Network and its convs), as plain values."""
+    net = Network.of(model)
+    return {"arch": net.arch, "depth": net.depth, "width": net.width,
+            "num_classes": net.num_classes, "convs": list(model.genotype)}
+
+
+def model_from_checkpoint(ckpt: dict, path: str) -> nn.Module:
+    """Rebuild the network a checkpoint describes and load its weights."""
+    try:
+        net = Network(ckpt.get("arch", "wrn"), ckpt.get("depth"), ckpt.get("width"),
+                      ckpt["num_classes"])
+        model = net.build(ckpt["convs"])
+    except UserError as e:
+        hint = f" (it was trained with --module {ckpt['module']})" if ckpt.get("module") else ""
+        raise UserError(f"{path}: {e}{hint}") from None
+    try:
+        model.load_state_dict(ckpt["net"])
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not fit its recorded architecture "
+                        f"({str(e).splitlines()[0]})") from None
+    return model
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint written by save_checkpoint; UserError if missing, corrupt or foreign.
+    weights_only=True: a checkpoint is a pickle and loading must never run code from it."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or holds arbitrary Python objects
+        raise UserError(f"{path} is not a readable checkpoint (not a checkpoint written by "
+                        f"main.py: {type(e).__name__})") from None
+    missing = [k for k in ("net", "epoch", "convs", "num_classes") if k not in ckpt] \
+        if isinstance(ckpt, dict) else ["net"]
+    if missing:
+        raise UserError(f"{path} is not a checkpoint of this code (no {', '.join(missing)})")
+    return ckpt
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Temporary file then rename: a kill during the save leaves the previous checkpoint."""
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 # --------------------------------------------------------------------------------------------
@@ -543,15 +569,21 @@ def distill_loss(names: Sequence[str], student, teacher, targets, hp, epoch: int
 # weight gradient; torch.autograd.grad hands back dL/da without touching any `.grad`.
 # --------------------------------------------------------------------------------------------
 
+def logits_of(output) -> torch.Tensor:
+    """Our networks return (logits, activations); plain modules return logits."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
 @contextlib.contextmanager
-def _scoring_mode(net: nn.Module):
-    """Train mode with batch statistics and frozen parameters; all restored afterwards.
+def scoring_mode(net: nn.Module, freeze: bool = False):
+    """How every score at initialisation sees a network (Fisher potential and the proxies):
+    train mode with batch statistics, parameters frozen if `freeze`; all restored afterwards.
 
     BatchNorm in train mode with track_running_stats=False normalises by the batch (as a
     training step does) but leaves running_mean/var and num_batches_tracked untouched, so the
     network leaves exactly as it came."""
     was_training = net.training
-    flags = [(p, p.requires_grad) for p in net.parameters()]
+    flags = [(p, p.requires_grad) for p in net.parameters()] if freeze else []
     bns = [m for m in net.modules()
            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     net.train()
@@ -585,9 +617,8 @@ def fisher_scores(net: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -
 
     handles = [b.branch_end.register_forward_hook(keep) for b in blocks]
     try:
-        with _scoring_mode(net), torch.enable_grad():
-            out = net(inputs)
-            logits = out[0] if isinstance(out, (tuple, list)) else out
+        with scoring_mode(net, freeze=True), torch.enable_grad():
+            logits = logits_of(net(inputs))
             if len(acts) != len(blocks):
                 raise UserError(f"fisher_scores: {len(blocks)} residual blocks but "
                                 f"{len(acts)} branch outputs seen in one forward")
@@ -717,21 +748,36 @@ def _feasible_range_error(what: str, goal, tol, counts: WindowCounts) -> UserErr
                      f"{math.floor(hi):,}")
 
 
-def count_genotypes(table, param_goal=None, mac_goal=None, tol: float = 0.025,
-                    latency=None) -> float:
+@dataclass(frozen=True)
+class Budget:
+    """The windows a genotype must meet: each given goal +-tol. `latency` is a
+    latency.QuantisedLatency (integer costs and its own goal) for a latency goal. No goal: any
+    genotype."""
+    param_goal: Optional[int] = None
+    mac_goal: Optional[int] = None
+    tol: float = 0.025
+    latency: object = None
+
+    @classmethod
+    def from_args(cls, args, latency=None) -> "Budget":
+        """--param_goal, --mac_goal and --tol (budget_args), with a quantised latency goal."""
+        return cls(args.param_goal, args.mac_goal, args.tol, latency)
+
+
+def count_genotypes(table, budget: Budget = Budget()) -> float:
     """How many genotypes of `table` lie in the window of one goal (float64; exact below 2^53).
-    With both goals this is the smaller of the two single-window counts (an upper bound).
-    `latency`: a latency.QuantisedLatency (integer costs and its own goal), a third window."""
-    counters = _window_counters(table, param_goal, mac_goal, tol, latency)
+    With several goals this is the smallest of the single-window counts (an upper bound)."""
+    counters = _window_counters(table, budget)
     if not counters:
         return float(len(table.names)) ** table.n_positions
     return min(c.total for c, _, _ in counters)
 
 
-def _window_counters(table, param_goal, mac_goal, tol, latency=None):
-    out = _latency_counter(latency, tol)
-    for what, goal, costs, base in (("params", param_goal, table.params, table.base_params),
-                                    ("MACs", mac_goal, table.macs, table.base_macs)):
+def _window_counters(table, budget: Budget):
+    tol = budget.tol
+    out = _latency_counter(budget.latency, tol)
+    for what, goal, costs, base in (("params", budget.param_goal, table.params, table.base_params),
+                                    ("MACs", budget.mac_goal, table.macs, table.base_macs)):
         if goal is None:
             continue
         lo, hi = budget_window(goal, tol)
@@ -753,18 +799,20 @@ def _latency_counter(latency, tol):
     return [(counts, latency.units, (latency.base, lo, hi))]
 
 
-def sample_codes(table, n: int, param_goal=None, mac_goal=None, tol: float = 0.025,
-                 seed: int = 0, distinct: bool = True, progress=None,
-                 chunk: int = 2048, max_draws: int = 10_000_000, latency=None) -> np.ndarray:
-    """(n, positions) type indices into table.names, uniform over the genotypes within +-tol
-    of each given goal (over all genotypes when none is given).
+SAMPLE_CHUNK, MAX_DRAWS = 2048, 10_000_000   # draws per step; draws before giving up
+
+
+def sample_codes(table, n: int, budget: Budget = Budget(), seed: int = 0,
+                 distinct: bool = True, progress=None) -> np.ndarray:
+    """(n, positions) type indices into table.names, uniform over the genotypes within the
+    budget's windows (over all genotypes when it has no goal).
 
     Draws come in fixed-size chunks from one generator, so the first m of n samples are the
     samples of n=m: a larger --samples extends a search. `progress(k)` is told of k new ones."""
     rng = np.random.default_rng(seed)
     P, T = table.params.shape
-    counters = sorted(_window_counters(table, param_goal, mac_goal, tol, latency),
-                      key=lambda c: c[0].total)
+    counters = sorted(_window_counters(table, budget), key=lambda c: c[0].total)
+    chunk, max_draws = SAMPLE_CHUNK, MAX_DRAWS
     if distinct and len(counters) == 1 and counters[0][0].total < n:
         raise UserError(f"only {int(counters[0][0].total)} distinct genotypes meet this budget; "
                         f"ask for at most that many samples (--samples) or widen the window")
@@ -794,11 +842,9 @@ def sample_codes(table, n: int, param_goal=None, mac_goal=None, tol: float = 0.0
     return np.array(kept, np.int64).reshape(n, P)
 
 
-def sample_genotypes(table, n: int, param_goal=None, mac_goal=None, tol: float = 0.025,
-                     seed: int = 0, distinct: bool = True, progress=None,
-                     latency=None) -> List[List[str]]:
+def sample_genotypes(table, n: int, budget: Budget = Budget(), seed: int = 0,
+                     distinct: bool = True, progress=None) -> List[List[str]]:
     """n genotypes (lists of block names), uniform within the budget window(s); see
     sample_codes. An infeasible budget raises UserError stating the feasible range."""
-    codes = sample_codes(table, n, param_goal, mac_goal, tol, seed, distinct, progress,
-                         latency=latency)
+    codes = sample_codes(table, n, budget, seed, distinct, progress)
     return [[table.names[t] for t in row] for row in codes]

@@ -4,7 +4,7 @@ A network's latency is predicted as its fixed parts (stem, head) plus one entry 
 block, each the median time of that block type at that position measured alone, in place:
 the residual block with the position's channels, stride and input size, in eval mode, without
 gradients, at the table's batch size and thread count. Positions of one group past the first
-share their geometry (count_ops.BlockSlot), so each distinct slot is timed once.
+share their geometry (models.blocks.BlockSlot), so each distinct slot is timed once.
 
 A table is cached as a CSV named after, and holding, what it depends on: network family,
 device name, torch version, threads, batch size. It is reused when those match.
@@ -13,7 +13,9 @@ For the exact sampler (funcs.WindowCounts, which works on integers) the table is
 a unit of goal / (100 (positions + 1)): rounding each of the positions + 1 entries moves a sum
 by at most half a unit each, so a predicted latency is off by under 0.5% of the goal.
 """
+import argparse
 import contextlib
+import dataclasses
 import hashlib
 import math
 import os
@@ -28,19 +30,21 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from count_ops import BlockSlot, resnet_slots, wrn_slots
-from models.blocks import SEARCH_SPACE, UserError, get_block_type, make_block
-from models.resnet import LAYERS, ResNet
-from models.wide_resnet import WideResNet
+from funcs import atomic_write, budget_window
+from models.archs import Network
+from models.blocks import SEARCH_SPACE, BlockSlot, UserError, get_block_type, make_block
 
 WARMUP, REPEATS = 5, 25   # per timed module; the median of REPEATS after WARMUP calls
 # Each item (block, fixed part, network) is timed in PASSES separate passes over all items and
 # keeps its fastest median: this machine has slow spells (the same network, timed twice in a
 # row, read 7.3 then 13.9 ms) that last longer than one item's timing, and they only add time.
 PASSES = 3
+# ... and an item whose two fastest passes differ by more than AGREE gets more passes, up to
+# MAX_PASSES in all (a spell that outlasted one pass of it).
+AGREE, MAX_PASSES = 0.05, 8
+CALIBRATION = 16   # random whole networks the table's scale is fitted on
 
 # 'wall': elapsed time, the latency a user sees. 'cpu': this process's CPU time, for a shared
 # CPU: there a run longer than the scheduler's time slice waits for other processes, so
@@ -105,76 +109,98 @@ def time_ms(fn: Callable, x: torch.Tensor, warmup: int = WARMUP, repeats: int = 
 
 
 def fastest_of_passes(measure: Callable, items: Sequence, passes: int = PASSES,
-                      progress: Optional[Callable] = None) -> List[float]:
-    """[min over `passes` of measure(item)] per item, the passes run one after another over all
-    items, so a slow spell of the machine hits one pass of an item, not all of them."""
-    best = [math.inf] * len(items)
-    for _ in range(passes):
-        for i, item in enumerate(items):
-            best[i] = min(best[i], measure(item))
+                      progress: Optional[Callable] = None, agree: float = AGREE,
+                      max_passes: int = MAX_PASSES) -> List[float]:
+    """[min over passes of measure(item)] per item. The passes run one after another over all
+    items, so a slow spell of the machine hits one pass of an item, not all of them. An item
+    whose fastest time is not confirmed by a second pass within `agree` (relative) was timed
+    in a spell more than once: it gets more passes, up to `max_passes`, until two agree."""
+    times: List[List[float]] = [[] for _ in items]
+
+    def one_pass(indices):
+        for i in indices:
+            times[i].append(measure(items[i]))
             if progress:
                 progress()
-    return best
+    for _ in range(passes):
+        one_pass(range(len(items)))
+    for _ in range(max_passes - passes):
+        unsettled = [i for i, t in enumerate(times) if not _confirmed(t, agree)]
+        if not unsettled:
+            break
+        one_pass(unsettled)
+    return [min(t) for t in times]
 
 
-def measure_network_ms(net: nn.Module, image_size: int, batch: int, device,
-                       threads: Optional[int] = None, warmup: int = WARMUP,
-                       repeats: int = REPEATS, clock: str = "wall") -> float:
-    """Measured latency of a whole network (eval mode, no grad), median of `repeats`."""
-    device = torch.device(device)
-    net = net.to(device).eval()
-    x = torch.randn(batch, 3, image_size, image_size, device=device)
-    with thread_count(threads):
-        return time_ms(net, x, warmup, repeats, clock)
+def _confirmed(times: Sequence[float], agree: float) -> bool:
+    """The two fastest of `times` lie within `agree` of each other."""
+    if len(times) < 2:
+        return True
+    first, second = sorted(times)[:2]
+    return second <= first * (1 + agree)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How latency is timed: on which device, at which batch size and thread count (None:
+    torch's own), by which clock (CLOCKS), with how many warm-up and timed calls per item."""
+    device: torch.device
+    batch: int = 1
+    threads: Optional[int] = None
+    clock: str = "wall"
+    warmup: int = WARMUP
+    repeats: int = REPEATS
+
+    def __post_init__(self):
+        object.__setattr__(self, "device", torch.device(self.device))
+        if self.clock not in CLOCKS:
+            raise UserError(f"unknown latency clock {self.clock!r}; valid: " + ", ".join(CLOCKS))
+
+    def time(self, fn: Callable, shape: Sequence[int]) -> float:
+        """Median ms of fn on a random batch of `shape` (without the batch dimension)."""
+        return time_ms(fn, torch.randn(self.batch, *shape, device=self.device), self.warmup,
+                       self.repeats, self.clock)
+
+    def lighter(self) -> "Timing":
+        """Fewer calls, for whole networks (each call already spans many blocks)."""
+        return dataclasses.replace(self, warmup=max(1, self.warmup // 2),
+                                   repeats=max(3, self.repeats // 3))
+
+
+def measure_network_ms(net: nn.Module, image_size: int, timing: Timing) -> float:
+    """Measured latency of a whole network (eval mode, no grad), median of timing.repeats."""
+    net = net.to(timing.device).eval()
+    with thread_count(timing.threads):
+        return timing.time(net, (3, image_size, image_size))
 
 
 # --------------------------------------------------------------------------------------------
-# Network families: slot geometry (count_ops) and the fixed parts around the blocks
+# Network families (models.archs): block slots, and the fixed parts around the blocks
 # --------------------------------------------------------------------------------------------
 
 @dataclass
 class Family:
-    """One network family: its block slots, and its fixed parts as (input shape, module)."""
-    label: str                  # 'wrn40-2', 'resnet34', ...
+    """A registered network as latency sees it: its block slots, and its fixed parts (stem,
+    head: the network's own modules) as name -> (input shape without batch, module)."""
+    label: str                  # names the cache file: 'wrn40-2-c10', 'resnet34-c1000'
     slots: List[BlockSlot]
     image_size: int
-    fixed: Dict[str, tuple]     # part name -> (input shape without batch, fn)
+    fixed: Dict[str, tuple]
     build: Callable             # build(genotype) -> network
 
 
-class _Head(nn.Module):
-    """The part of a network after its last block: [BN-ReLU], global average pool, fc."""
-
-    def __init__(self, net: nn.Module, final_bn: bool):
-        super().__init__()
-        self.bn, self.fc = (net.bn1 if final_bn else None), net.fc
-
-    def forward(self, x):
-        if self.bn is not None:
-            x = F.relu(self.bn(x))
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
-
-
-def wrn_family(depth: int = 40, width: int = 2, num_classes: int = 10) -> Family:
-    net = WideResNet(depth, width, "Conv", num_classes)
-    slots = wrn_slots(depth, width, 32)
+def family_of(net: Network) -> Family:
+    """The latency view of a registered network (models.archs.Network)."""
+    model = net.build("Conv")
+    slots = net.slots()
     last = slots[-1]
-    return Family(f"wrn{depth}-{width}-c{num_classes}", slots, 32,
-                  {"stem": ((3, 32, 32), net.conv1),
-                   "head": ((last.out_planes, last.size, last.size), _Head(net, True))},
-                  lambda g: WideResNet(depth, width, g, num_classes))
-
-
-def resnet_family(arch: str = "resnet34", num_classes: int = 1000) -> Family:
-    net = ResNet(LAYERS[arch], "Conv", num_classes)
-    slots = resnet_slots(LAYERS[arch], 224)
-    last = slots[-1]
-    stem = nn.Sequential(net.conv1, net.bn1, nn.ReLU(), net.mpool)
-    return Family(f"{arch}-c{num_classes}", slots, 224,
-                  {"stem": ((3, 224, 224), stem),
-                   "head": ((last.out_planes, last.size // 2, last.size // 2),
-                            _Head(net, False))},
-                  lambda g: ResNet(LAYERS[arch], g, num_classes))
+    label = (f"wrn{net.depth}-{net.width}" if net.family.sized else net.arch) + \
+        f"-c{net.classes}"
+    stem, head = model.fixed_parts()
+    return Family(label, slots, net.image_size,
+                  {"stem": ((3, net.image_size, net.image_size), stem),
+                   "head": ((last.out_planes, last.out_size, last.out_size), head)},
+                  net.build)
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,14 +283,13 @@ class LatencyTable:
         return df
 
 
-def _time_block(name: str, slot: BlockSlot, batch: int, device, warmup, repeats, clock):
-    block = make_block(name, slot.in_planes, slot.out_planes, slot.stride).to(device).eval()
-    x = torch.randn(batch, slot.in_planes, slot.size, slot.size, device=device)
-    return time_ms(block, x, warmup, repeats, clock)
+def _time_block(name: str, slot: BlockSlot, timing: Timing) -> float:
+    block = make_block(name, slot.in_planes, slot.out_planes, slot.stride)
+    return timing.time(block.to(timing.device).eval(), (slot.in_planes, slot.size, slot.size))
 
 
-def calibrate(table: LatencyTable, family: Family, device, n: int, warmup: int,
-              repeats: int, clock: str, seed: int = 0) -> float:
+def calibrate(table: LatencyTable, family: Family, timing: Timing, n: int,
+              seed: int = 0) -> float:
     """measured / summed latency, the median over n uniformly random whole networks.
 
     Blocks timed alone run with their weights and input hot in the caches; in a network
@@ -276,44 +301,39 @@ def calibrate(table: LatencyTable, family: Family, device, n: int, warmup: int,
     rng = np.random.default_rng(seed)
     codes = rng.integers(0, len(table.names), (n, table.n_positions))
     summed = table.predict_many(codes)
-    batch = table.key.batch
     nets = [family.build([table.names[t] for t in row]) for row in codes]
     measured = fastest_of_passes(
-        lambda net: measure_network_ms(net, family.image_size, batch, device, None, warmup,
-                                       repeats, clock), nets)
+        lambda net: measure_network_ms(net, family.image_size, timing.lighter()), nets)
     return float(np.median(np.array(measured) / summed))
 
 
-def measure_table(family: Family, names: Sequence[str], device, batch: int = 1,
-                  threads: Optional[int] = None, warmup: int = WARMUP, repeats: int = REPEATS,
-                  clock: str = "wall", show: bool = True,
-                  calibration: int = 8) -> LatencyTable:
+def measure_table(family: Family, names: Sequence[str], timing: Timing, show: bool = True,
+                  calibration: int = CALIBRATION) -> LatencyTable:
     """Time every block type at every distinct slot, and the fixed parts; then fit the
     table's scale on `calibration` whole networks (0: plain summation)."""
-    device = torch.device(device)
     for n in names:
         get_block_type(n)
     distinct = list(dict.fromkeys(family.slots))
-    with thread_count(threads) as n_threads, \
+    with thread_count(timing.threads) as n_threads, \
             tqdm(total=PASSES * (len(distinct) * len(names) + len(family.fixed)),
-                 disable=not show, desc=f"latency table {family.label} b{batch}") as bar:
+                 disable=not show, desc=f"latency table {family.label} b{timing.batch}") as bar:
         parts = list(family.fixed.items())
         fixed = list(zip([p for p, _ in parts], fastest_of_passes(
-            lambda part: time_ms(part[1][1].to(device).eval(),
-                                 torch.randn(batch, *part[1][0], device=device),
-                                 warmup, repeats, clock), parts, progress=bar.update)))
+            lambda part: timing.time(part[1][1].to(timing.device).eval(), part[1][0]),
+            parts, progress=bar.update)))
         items = [(slot, n) for slot in distinct for n in names]
         per_slot = dict(zip(items, fastest_of_passes(
-            lambda item: _time_block(item[1], item[0], batch, device, warmup, repeats, clock),
-            items, progress=bar.update)))
-        key = TableKey(family.label, device_name(device), torch.__version__, n_threads, batch,
-                       clock)
+            lambda item: _time_block(item[1], item[0], timing), items, progress=bar.update)))
         ms = np.array([[per_slot[s, n] for n in names] for s in family.slots])
-        table = LatencyTable(key, names, ms, fixed)
+        table = LatencyTable(table_key(family, timing, n_threads), names, ms, fixed)
         bar.set_postfix_str(f"calibrating on {calibration} networks")
-        scale = calibrate(table, family, device, calibration, max(1, warmup // 2),
-                          max(3, repeats // 3), clock)
-    return LatencyTable(key, names, ms, fixed, scale)
+        scale = calibrate(table, family, timing, calibration)
+    return LatencyTable(table.key, names, ms, fixed, scale)
+
+
+def table_key(family: Family, timing: Timing, n_threads: int) -> TableKey:
+    return TableKey(family.label, device_name(timing.device), torch.__version__, n_threads,
+                    timing.batch, timing.clock)
 
 
 def read_table(path: str, key: TableKey, names: Sequence[str],
@@ -338,25 +358,20 @@ def read_table(path: str, key: TableKey, names: Sequence[str],
         return None   # not one of ours, or torn: measure afresh
 
 
-def load_or_measure(family: Family, names: Sequence[str], device, batch: int = 1,
-                    threads: Optional[int] = None, cache_dir: str = "results/latency",
-                    warmup: int = WARMUP, repeats: int = REPEATS, clock: str = "wall",
-                    show: bool = True, calibration: int = 8) -> LatencyTable:
+def load_or_measure(family: Family, names: Sequence[str], timing: Timing,
+                    cache_dir: str = "results/latency", show: bool = True,
+                    calibration: int = CALIBRATION) -> LatencyTable:
     """The cached table for (family, device, torch, threads, batch, clock), measured if absent
     or if the cached file's facts differ."""
-    device = torch.device(device)
-    if clock not in CLOCKS:
-        raise UserError(f"unknown latency clock {clock!r}; valid: " + ", ".join(CLOCKS))
-    with thread_count(threads) as n_threads:
+    with thread_count(timing.threads) as n_threads:
         pass
-    key = TableKey(family.label, device_name(device), torch.__version__, n_threads, batch, clock)
+    key = table_key(family, timing, n_threads)
     path = os.path.join(cache_dir, key.file_name())
     table = read_table(path, key, names, len(family.slots))
     if table is not None:
         return table
-    table = measure_table(family, names, device, batch, n_threads, warmup, repeats, clock, show,
+    table = measure_table(family, names, dataclasses.replace(timing, threads=n_threads), show,
                           calibration)
-    from funcs import atomic_write   # funcs imports count_ops, as this module does
     os.makedirs(cache_dir, exist_ok=True)
     text = table.to_frame(family.slots).to_csv(index=False)
     atomic_write(path, lambda f: f.write(text.encode()))
@@ -382,7 +397,6 @@ class QuantisedLatency:
         self.base = int(round(table.fixed_ms / self.unit_ms))
 
     def window(self, tol: float):
-        from funcs import budget_window
         return budget_window(self.goal_ms / self.unit_ms, tol)
 
     def units_many(self, codes: np.ndarray) -> np.ndarray:
@@ -411,22 +425,38 @@ def parse_table_device(name: Optional[str], default: str) -> torch.device:
             from None
 
 
-def print_latency(args, net: nn.Module) -> Dict[str, float]:
-    """count_ops.py --latency: the table's prediction beside the measured latency of `net`
+def add_latency_args(p: argparse.ArgumentParser) -> None:
+    """How latency is timed: the flags count_ops.py and fisher_rank.py share."""
+    g = p.add_argument_group("latency")
+    g.add_argument("--latency_device", default=None,
+                   help="device whose latency table prices candidates (default: --device, "
+                        "or cpu in count_ops.py)")
+    g.add_argument("--latency_batch", default=1, type=int, help="batch size the latency is for")
+    g.add_argument("--threads", default=None, type=int,
+                   help="torch threads while timing latency (default: torch's own count)")
+    g.add_argument("--latency_clock", default="wall", choices=list(CLOCKS),
+                   help="time latency by the wall, or by CPU time (steadier on a shared CPU)")
+
+
+def timing_from_args(args, default_device: str = "cpu") -> Timing:
+    """The Timing that --latency_device/--latency_batch/--threads/--latency_clock ask for."""
+    for name in ("latency_batch", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    return Timing(parse_table_device(args.latency_device, default_device), args.latency_batch,
+                  args.threads, args.latency_clock)
+
+
+def print_latency(args, net: Network, model: nn.Module, cache_dir: str) -> Dict[str, float]:
+    """count_ops.py --latency: the table's prediction beside the measured latency of `model`
     (the same batch, threads, clock and device), the table measured first if not cached."""
-    if args.latency_batch < 1 or (args.threads is not None and args.threads < 1):
-        raise UserError("--latency_batch and --threads must be at least 1")
-    device = parse_table_device(args.latency_device, "cpu")
-    if args.arch == "wrn":
-        family = wrn_family(args.wrn_depth, args.wrn_width, net.num_classes)
-    else:
-        family = resnet_family(args.arch, net.num_classes)
-    names = list(SEARCH_SPACE) + [n for n in dict.fromkeys(net.genotype) if n not in SEARCH_SPACE]
-    table = load_or_measure(family, names, device, args.latency_batch, args.threads,
-                            args.latency_dir, clock=args.latency_clock)
-    predicted = table.predict(net.genotype)
-    measured = measure_network_ms(net, family.image_size, args.latency_batch, device,
-                                  args.threads, clock=args.latency_clock)
+    timing = timing_from_args(args)
+    names = list(SEARCH_SPACE) + [n for n in dict.fromkeys(model.genotype)
+                                  if n not in SEARCH_SPACE]
+    family = family_of(net)
+    table = load_or_measure(family, names, timing, cache_dir)
+    predicted = table.predict(model.genotype)
+    measured = measure_network_ms(model, family.image_size, timing)
     print(f"latency on {table.key.describe()}: predicted {predicted:.3f} ms  measured "
           f"{measured:.3f} ms  ({(predicted - measured) / measured:+.1%})")
     return {"predicted_ms": predicted, "measured_ms": measured}

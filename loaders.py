@@ -32,8 +32,29 @@ TENSOR_MAX_BYTES = 4 * 2 ** 30
 PADDING, CROP = 4, 32   # RandomCrop(32, padding=4), as funcs.get_transforms
 
 
-def add_loader_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """--loader and --cache_dir, declared once for main.py, fisher_rank.py and study.py."""
+DATASETS = ("cifar10", "cifar100", "imagenet")
+
+
+def data_args(datasets: Sequence[str] = DATASETS) -> argparse.ArgumentParser:
+    """The data flags of main.py, fisher_rank.py and study.py (an argparse parent): the
+    dataset, --data_loc, --download, --workers, --loader and --cache_dir."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("dataset", choices=list(datasets),
+                   help="cifar10/cifar100 (torchvision folders or any ImageFolder tree) or "
+                        "imagenet (train/ and val/ folders)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data_loc", default=None,
+                   help="data folder: a torchvision CIFAR folder or an image folder with "
+                        "train/ and test/ or val/")
+    g.add_argument("--download", action="store_true", help="download CIFAR into --data_loc")
+    g.add_argument("--workers", default=2, type=int,
+                   help="processes that decode images (per GPU)")
+    add_loader_args(g)
+    return p
+
+
+def add_loader_args(p) -> None:
+    """--loader and --cache_dir (part of data_args)."""
     p.add_argument("--loader", default="auto", choices=["auto", "tensor", "pil"],
                    help="tensor: decode once into memory and augment on the device; pil: decode "
                         "and augment every epoch in --workers processes; auto: tensor for "
@@ -42,7 +63,6 @@ def add_loader_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--cache_dir", default=None,
                    help="where decoded data sets are cached (default: $XDG_CACHE_HOME/blockswap "
                         "or ~/.cache/blockswap); never the data folder")
-    return p
 
 
 # --------------------------------------------------------------------------------------------

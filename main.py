@@ -31,9 +31,9 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -43,19 +43,20 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
-from funcs import (DIST_CIFAR, DISTILL_TERMS, HelpFormatter, atomic_write,
-                   check_writable, distill_loss, distributed_teardown, get_datasets,
-                   get_no_params, load_genotype, parse_distill, pick_device, run_cli, subset,
-                   subset_indices)
-from loaders import Augment, TensorLoader, add_loader_args, choose_loader, tensor_images
-from models import (ResNet, UserError, WideResNet, default_arch, get_block_type,
-                    load_block_module)
-from models.resnet import LAYERS
+from funcs import (DIST_CIFAR, DISTILL_TERMS, HelpFormatter, arch_info, atomic_write,
+                   check_writable, distill_loss, get_datasets,
+                   get_no_params, load_checkpoint, load_genotype, model_from_checkpoint,
+                   parse_distill, run_cli, save_checkpoint, save_genotype, subset, subset_indices)
+from loaders import Augment, TensorLoader, choose_loader, data_args, tensor_images
+from models import Network, UserError, get_block_type, load_block_module, network_args
+from runtime import (AMP_CHOICES, AMP_NAMES, Runtime, device_args, distributed_teardown,
+                     start_runtime, unwrap, with_precision)
 
 # Arguments that define the training run: on --resume the checkpoint's values are used, so the
 # continued run follows the schedule it started with.
 RUN_KEYS = ("dataset", "mode", "lr", "momentum", "weight_decay", "epoch_step", "lr_decay_ratio",
-            "cosine", "epochs", "batch_size", "seed", "cutout", "train_subset", "val_subset",
+            "cosine", "epochs", "batch_size", "seed", "subset_seed", "cutout", "train_subset",
+            "val_subset",
             "alpha", "temperature", "beta", "teacher_checkpoint", "loader")
 # ... and the student's distillation method with every term's hyper-parameters.
 RUN_KEYS += ("distill", "dist_cifar",
@@ -65,21 +66,16 @@ LOG_FIELDS = ("epoch", "lr", "train_loss", "train_error", "val_loss", "val_error
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="BlockSwap teacher/student training",
-                                formatter_class=HelpFormatter)
-    p.add_argument("dataset", choices=["cifar10", "cifar100", "imagenet"],
-                   help="cifar10/cifar100 (torchvision folders or any ImageFolder tree) or imagenet")
+                                formatter_class=HelpFormatter,
+                                parents=[data_args(), network_args(), device_args()])
     p.add_argument("mode", choices=["teacher", "student"], help="train a teacher or a student")
-    # data
+    # data (the seed's folder flags; --data_loc overrides them)
     p.add_argument("--cifar_loc", default="data/cifar", help="CIFAR folder (or ImageFolder root)")
     p.add_argument("--imagenet_loc", default="data/imagenet", help="folder with train/ and val/")
-    p.add_argument("--data_loc", default=None, help="dataset folder; overrides the two above")
-    p.add_argument("--download", action="store_true", help="download CIFAR if absent")
-    p.add_argument("--workers", default=2, type=int, help="data loading processes (per GPU)")
     p.add_argument("--train_subset", default=None, type=int, help="train on N fixed random images")
     p.add_argument("--val_subset", default=None, type=int, help="validate on N fixed random images")
     p.add_argument("--cutout", default=0, type=int, nargs="?", const=16,
                    help="Cutout square side in pixels (--cutout alone: 16, the paper's)")
-    add_loader_args(p)
     # checkpoints
     p.add_argument("--teacher_checkpoint", "-t", default="wrn_40_2_T",
                    help="teacher name: checkpoints/<name>.t7 is written (teacher) or read (student)")
@@ -88,17 +84,13 @@ def get_args_parser():
     p.add_argument("--checkpoint_dir", default="checkpoints")
     p.add_argument("--resume", "-r", action="store_true", help="continue from the checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start again over an existing checkpoint")
-    # network
-    p.add_argument("--wrn_depth", default=None, type=int,
-                   help="WRN depth (teacher: default 40; student: must match the teacher's)")
-    p.add_argument("--wrn_width", default=None, type=int, help="WRN width (teacher: default 2)")
+    # network (also --arch, --wrn_depth, --wrn_width, --module)
     p.add_argument("--conv", default="Conv", help="block type of a uniform network (see models/blocks.py)")
     p.add_argument("--from_genotype", default="", help="genotype CSV: one block type per block")
     p.add_argument("--moonshine", action="store_true", help="uniform student of --conv blocks")
     p.add_argument("--diff_shape", action="store_true", help="student shape from --stu_depth/width")
     p.add_argument("--stu_depth", default=40, type=int)
     p.add_argument("--stu_width", default=2, type=int)
-    p.add_argument("--module", default=None, help="Python file that calls register_block()")
     # optimisation (the seed's recipe; --cosine --cutout give the ICLR paper's)
     p.add_argument("--lr", default=0.1, type=float)
     p.add_argument("--momentum", default=0.9, type=float)
@@ -113,8 +105,10 @@ def get_args_parser():
     p.add_argument("--beta", default=1e3, type=float, help="attention transfer weight")
     add_distill_args(p)
     p.add_argument("--seed", default=0, type=int)
-    # hardware
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best present)")
+    p.add_argument("--subset_seed", default=None, type=int,
+                   help="seed that picks --train_subset/--val_subset images (default: --seed); "
+                        "runs compared with each other should share it")
+    # hardware (also --device)
     p.add_argument("--GPU", default=None, help="sets CUDA_VISIBLE_DEVICES, e.g. '0,1'")
     p.add_argument("--amp", default="auto", choices=sorted(AMP_CHOICES),
                    help="autocast precision; auto: bf16 on CUDA where supported, else fp16 with "
@@ -165,185 +159,79 @@ def validate_args(args) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Hardware: device, processes, mixed precision.
-# --------------------------------------------------------------------------------------------
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls/convolutions run natively (oneDNN), about 2x fp32.
-    (torch.ops.mkldnn._is_mkldnn_bf16_supported() is also true for plain AVX512, where bf16
-    is emulated and no faster.)"""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def cuda_auto_amp(device: torch.device) -> Optional[torch.dtype]:
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def cpu_auto_amp(device: torch.device) -> Optional[torch.dtype]:
-    return torch.bfloat16 if cpu_has_native_bf16() else None
-
-
-# --amp auto per device type: what is fast and safe there (others, e.g. MPS: fp32).
-AUTO_AMP = {"cuda": cuda_auto_amp, "cpu": cpu_auto_amp}
-AMP_CHOICES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
-AMP_NAMES = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}   # --amp values
-
-
-def resolve_precision(device: torch.device, amp: str, no_channels_last: bool = False):
-    """(autocast dtype or None, channels_last) for a run on `device` with --amp `amp`.
-    channels_last goes with autocast where it pays: always on CUDA, with bf16 on CPU."""
-    if amp == "auto":
-        auto = AUTO_AMP.get(device.type)
-        dtype = auto(device) if auto else None
-    else:
-        dtype = AMP_CHOICES[amp]
-    fast_layout = device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16)
-    return dtype, fast_layout and not no_channels_last
-
-
-@dataclass
-class Runtime:
-    device: torch.device
-    rank: int = 0
-    world: int = 1
-    amp_dtype: Optional[torch.dtype] = None   # None: fp32
-    channels_last: bool = False
-    compile: bool = False                     # torch.compile the trained network
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def memory_format(self) -> torch.memory_format:
-        return torch.channels_last if self.channels_last else torch.preserve_format
-
-    def precision(self) -> str:
-        """For the start-up line, e.g. 'bf16 autocast, channels_last'."""
-        amp = f"{AMP_NAMES[self.amp_dtype]} autocast" if self.amp_dtype else "fp32"
-        return (f"{amp}{' + GradScaler' if self.amp_dtype == torch.float16 else ''}, "
-                f"{'channels_last' if self.channels_last else 'NCHW'}"
-                f"{', compiled' if self.compile else ''}")
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype,
-                              enabled=self.amp_dtype is not None)
-
-    def grad_scaler(self) -> torch.amp.GradScaler:
-        """Loss scaling for fp16 only (its small range underflows gradients); a no-op else."""
-        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-
-    def place(self, model: nn.Module, compile: bool = False) -> nn.Module:
-        """Move to the device in the run's memory format; compile in place (its state_dict
-        keeps its names) when asked."""
-        model.to(self.device, memory_format=self.memory_format)
-        if compile and self.compile:
-            model.compile()
-        return model
-
-    def images(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.device, non_blocking=True, memory_format=self.memory_format)
-
-    def print(self, *a):
-        if self.main:
-            print(*a, flush=True)
-
-
-def setup_runtime(args) -> Runtime:
-    """Device, precision, and the process group when launched by torchrun (RANK/WORLD_SIZE set)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(args.device, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    amp_dtype, channels_last = resolve_precision(device, "off" if args.no_amp else args.amp,
-                                                 args.no_channels_last)
-    return Runtime(device, rank, world, amp_dtype, channels_last, compile=args.compile)
-
-
-# --------------------------------------------------------------------------------------------
 # Models and checkpoints.
 # --------------------------------------------------------------------------------------------
 
-def build_model(arch: str, convs, num_classes: int, depth: int = 40, width: int = 2) -> nn.Module:
-    """arch 'wrn' (WRN-depth-width) or a ResNet name from models.resnet.LAYERS; convs is a
-    genotype (list of block names) or one name for a uniform network."""
-    if arch == "wrn":
-        return WideResNet(depth, width, convs=convs, num_classes=num_classes)
-    if arch in LAYERS:
-        return ResNet(LAYERS[arch], convs=convs, num_classes=num_classes)
-    raise UserError(f"unknown architecture {arch!r}; expected 'wrn' or one of {list(LAYERS)}")
-
-
-def arch_info(model: nn.Module) -> dict:
-    """What build_model needs to rebuild `model`, as plain values (saved in checkpoints)."""
-    if isinstance(model, WideResNet):
-        return {"arch": "wrn", "depth": model.depth, "width": model.widen_factor,
-                "num_classes": model.num_classes, "convs": list(model.genotype)}
-    arch = next(k for k, v in LAYERS.items() if tuple(v) == model.layers)
-    return {"arch": arch, "depth": None, "width": None, "num_classes": model.num_classes,
-            "convs": list(model.genotype)}
-
-
 def describe(model: nn.Module) -> str:
-    info = arch_info(model)
-    name = f"WRN-{info['depth']}-{info['width']}" if info["arch"] == "wrn" else info["arch"]
-    convs = info["convs"]
+    convs = model.genotype
     kinds = convs[0] if len(set(convs)) == 1 else ",".join(convs)
-    return f"{name} [{kinds}], {get_no_params(model):,} params"
+    return f"{Network.of(model).name} [{kinds}], {get_no_params(model):,} params"
 
 
-def model_from_checkpoint(ckpt: dict, path: str) -> nn.Module:
-    """Rebuild the network a checkpoint describes and load its weights."""
-    try:
-        model = build_model(ckpt.get("arch", "wrn"), ckpt["convs"], ckpt["num_classes"],
-                            ckpt.get("depth"), ckpt.get("width"))
-    except UserError as e:
-        hint = f" (it was trained with --module {ckpt['module']})" if ckpt.get("module") else ""
-        raise UserError(f"{path}: {e}{hint}") from None
-    try:
-        model.load_state_dict(ckpt["net"])
-    except RuntimeError as e:
-        raise UserError(f"{path}: weights do not fit its recorded architecture "
-                        f"({str(e).splitlines()[0]})") from None
-    return model
+# The per-epoch lists a checkpoint also carries (older readers, plots.py), from the log rows.
+HISTORY = {"train_losses": "train_loss", "train_errors": "train_error",
+           "val_losses": "val_loss", "val_errors": "val_error"}
 
 
-def load_checkpoint(path: str) -> dict:
-    """A checkpoint written by save_checkpoint; UserError if missing, corrupt or foreign.
-    weights_only=True: a checkpoint is a pickle and loading must never run code from it."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or holds arbitrary Python objects
-        raise UserError(f"{path} is not a readable checkpoint (not a checkpoint written by "
-                        f"main.py: {type(e).__name__})") from None
-    missing = [k for k in ("net", "epoch", "convs", "num_classes") if k not in ckpt] \
-        if isinstance(ckpt, dict) else ["net"]
-    if missing:
-        raise UserError(f"{path} is not a checkpoint of this code (no {', '.join(missing)})")
-    return ckpt
+@dataclass
+class Run:
+    """A training run in progress: what fit() steps through, epoch by epoch. `log` is the one
+    per-epoch record (rows of LOG_FIELDS); `epoch` counts the epochs finished."""
+    model: nn.Module
+    train_loader: object
+    val_loader: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    loss_fn: Callable
+    log: List[dict] = field(default_factory=list)
+    epoch: int = 0
+
+    def history(self) -> Dict[str, list]:
+        return {key: [row[col] for row in self.log] for key, col in HISTORY.items()}
+
+    def resume(self, ckpt: dict, args) -> None:
+        """Continue from a checkpoint: optimiser, schedule (extended by a raised --epochs),
+        loss scaling, the log and the epoch count."""
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        extend_schedule(self.scheduler, self.optimizer, args)
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.log, self.epoch = log_of(ckpt), ckpt["epoch"]
+
+    def state(self, args) -> dict:
+        """The checkpoint of the run as it stands."""
+        net = unwrap(self.model)
+        # .contiguous(): channels_last weights are saved in the standard layout.
+        weights = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+        uniform = len(set(net.genotype)) == 1
+        return {"net": weights, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "epoch": self.epoch, **arch_info(net),
+                "conv": net.genotype[0] if uniform else None, "module": args.module,
+                "args": dict(vars(args)), **self.history(), "log": list(self.log)}
 
 
-def save_checkpoint(path: str, state: dict) -> None:
-    """Temporary file then rename: a kill during the save leaves the previous checkpoint."""
-    atomic_write(path, lambda f: torch.save(state, f))
+def log_of(ckpt: dict) -> List[dict]:
+    """A checkpoint's log rows; a checkpoint without them (an early version) gets rows rebuilt
+    from its per-epoch lists, lr and seconds unknown."""
+    if ckpt.get("log"):
+        return list(ckpt["log"])
+    lists = [ckpt.get(key, []) for key in HISTORY]
+    return [dict(zip(LOG_FIELDS, (e + 1, "", *values, ""))) for e, values in
+            enumerate(zip(*lists))]
 
 
-def checkpoint_state(model, optimizer, scheduler, scaler, epoch, args, history) -> dict:
-    net = model.module if isinstance(model, DistributedDataParallel) else model
-    # .contiguous(): channels_last weights are saved in the standard layout.
-    weights = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-    uniform = len(set(net.genotype)) == 1
-    return {"net": weights, "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "epoch": epoch, **arch_info(net),
-            "conv": net.genotype[0] if uniform else None, "module": args.module,
-            "args": dict(vars(args)), **{k: list(v) for k, v in history.items()}}
+@dataclass(frozen=True)
+class RunPaths:
+    """Where a run writes: <folder>/<name>.t7 (checkpoint), .log.csv and .png (curves)."""
+    checkpoint: str
+    log: str
+    plot: str
+
+    @classmethod
+    def of(cls, folder: str, name: str) -> "RunPaths":
+        return cls(*(os.path.join(folder, name + ext) for ext in (".t7", ".log.csv", ".png")))
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,8 +285,8 @@ def make_loaders(args, rt: Runtime, check_classes=None):
         check_classes(num_classes)
     if choose_loader(args.loader, args.dataset, (train_set, val_set)) == "tensor":
         return make_tensor_loaders(args, rt, train_set, val_set) + (num_classes,)
-    train_set = SeededAugment(subset(train_set, args.train_subset, args.seed), args.seed)
-    val_set = subset(val_set, args.val_subset, args.seed)
+    train_set = SeededAugment(subset(train_set, args.train_subset, subset_seed(args)), args.seed)
+    val_set = subset(val_set, args.val_subset, subset_seed(args))
     val_part = Subset(val_set, range(rt.rank, len(val_set), rt.world))
     sampler = DistributedSampler(train_set, num_replicas=rt.world, rank=rt.rank, shuffle=True,
                                  seed=args.seed)
@@ -408,6 +296,11 @@ def make_loaders(args, rt: Runtime, check_classes=None):
                        pin_memory=pin)
     val = DataLoader(val_part, per_rank, shuffle=False, num_workers=args.workers, pin_memory=pin)
     return train, val, num_classes
+
+
+def subset_seed(args) -> int:
+    """The seed that picks the image subsets: --subset_seed, else --seed (the seed's behaviour)."""
+    return args.seed if getattr(args, "subset_seed", None) is None else args.subset_seed
 
 
 def make_tensor_loaders(args, rt: Runtime, train_set, val_set):
@@ -420,8 +313,8 @@ def make_tensor_loaders(args, rt: Runtime, train_set, val_set):
                             for s in (train_set, val_set))
     if first and rt.main:
         dist.barrier()
-    train_data = train_data.subset(subset_indices(len(train_data), args.train_subset, args.seed))
-    val_data = val_data.subset(subset_indices(len(val_data), args.val_subset, args.seed))
+    train_data = train_data.subset(subset_indices(len(train_data), args.train_subset, subset_seed(args)))
+    val_data = val_data.subset(subset_indices(len(val_data), args.val_subset, subset_seed(args)))
     sampler = DistributedSampler(range(len(train_data)), num_replicas=rt.world, rank=rt.rank,
                                  shuffle=True, seed=args.seed)
     per_rank = args.batch_size // rt.world
@@ -445,12 +338,12 @@ def set_epoch(loader, epoch: int) -> None:
 # Losses, training and validation.
 # --------------------------------------------------------------------------------------------
 
-def student_loss(logits, acts, t_logits, t_acts, targets, alpha, temperature, beta):
+def student_loss(out, t_out, targets, alpha, temperature, beta):
     """The original loss, KD (cross-entropy when alpha=0) + beta' * sum of at_loss over group
-    pairs (beta' = beta * 3 / pairs): funcs.distill_loss with at, +kd when alpha > 0."""
+    pairs (beta' = beta * 3 / pairs): funcs.distill_loss with at, +kd when alpha > 0.
+    out, t_out: (logits, group outputs) of the student and the teacher."""
     hp = argparse.Namespace(alpha=alpha, temperature=temperature, beta=beta)
-    return distill_loss(["at", "kd"] if alpha > 0 else ["at"], (logits, acts),
-                        (t_logits, t_acts), targets, hp)
+    return distill_loss(["at", "kd"] if alpha > 0 else ["at"], out, t_out, targets, hp)
 
 
 def teacher_loss_fn(model, inputs, targets, epoch=0):
@@ -496,9 +389,17 @@ def all_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
     return t
 
 
-def train_one_epoch(model, loader, optimizer, scaler, rt: Runtime, loss_fn, desc="train",
-                    print_freq=10):
+@dataclass(frozen=True)
+class Progress:
+    """The progress bar of an epoch: its label, refreshed every `every` steps (--print_freq)."""
+    desc: str = "train"
+    every: int = 10
+
+
+def train_one_epoch(model, loader, optimizer, scaler, rt: Runtime, loss_fn,
+                    progress: Progress = Progress()):
     """One pass over `loader`; returns (mean loss, top-1 error %) over all processes."""
+    desc, print_freq = progress.desc, progress.every
     model.train()
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)   # loss * n, wrong, n
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
@@ -559,7 +460,7 @@ def sync_buffers(model: nn.Module, rt: Runtime) -> None:
 @torch.no_grad()
 def validate(model, loader, rt: Runtime):
     """(mean cross-entropy, top-1 error %) over the whole validation set (all processes)."""
-    net = model.module if isinstance(model, DistributedDataParallel) else model
+    net = unwrap(model)
     sync_buffers(net, rt)
     net.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
@@ -606,14 +507,13 @@ def requested_arch(args) -> dict:
     (a student's shape is its teacher's unless --diff_shape or --wrn_depth/--wrn_width)."""
     want = {"convs": genotype_arg(args)}   # a list, or one block name for a uniform network
     if args.mode == "teacher":
-        want["arch"] = default_arch(args.dataset)
-        if want["arch"] == "wrn":
-            want["depth"], want["width"] = args.wrn_depth or 40, args.wrn_width or 2
+        net = Network.from_args(args)
+        want.update(arch=net.arch, depth=net.depth, width=net.width)
     elif args.diff_shape:
         want["arch"], want["depth"], want["width"] = "wrn", args.stu_depth, args.stu_width
     else:
-        want.update({k: v for k, v in (("depth", args.wrn_depth), ("width", args.wrn_width))
-                     if v is not None})
+        want.update({k: v for k, v in (("arch", args.arch), ("depth", args.wrn_depth),
+                                       ("width", args.wrn_width)) if v is not None})
     return want
 
 
@@ -719,26 +619,30 @@ def new_model(args, num_classes: int, teacher: Optional[nn.Module]) -> nn.Module
     """A fresh teacher (shape from the flags) or student (the teacher's shape unless
     --diff_shape) with the genotype from --from_genotype or --conv."""
     convs = genotype_arg(args)
-    if teacher is None:
-        arch = default_arch(args.dataset)
-        depth, width = args.wrn_depth or 40, args.wrn_width or 2
-    else:
-        info = arch_info(teacher)
-        arch, depth, width = info["arch"], info["depth"], info["width"]
-        given = (args.wrn_depth or depth, args.wrn_width or width)
-        if arch == "wrn" and given != (depth, width):
-            raise UserError(f"--wrn_depth/--wrn_width {given[0]}/{given[1]} do not match the "
-                            f"teacher checkpoint (WRN-{depth}-{width}); for a student of another "
-                            "shape use --diff_shape --stu_depth D --stu_width W")
-        if args.diff_shape:
-            if arch != "wrn":
-                raise UserError("--diff_shape is for WRN students only")
-            depth, width = args.stu_depth, args.stu_width
+    net = Network.from_args(args, num_classes) if teacher is None \
+        else student_network(args, Network.of(teacher))
     try:
-        return build_model(arch, convs, num_classes, depth, width)
+        return net.build(convs)
     except UserError as e:
         where = f"--from_genotype {args.from_genotype}" if args.from_genotype else "--conv"
         raise UserError(f"{where}: {e}") from None
+
+
+def student_network(args, teacher: Network) -> Network:
+    """The teacher's network, or a WRN of --stu_depth/--stu_width with --diff_shape."""
+    if args.arch not in (None, teacher.arch):
+        raise UserError(f"--arch {args.arch} does not match the teacher checkpoint "
+                        f"({teacher.arch}): a student has its teacher's family")
+    given = (args.wrn_depth or teacher.depth, args.wrn_width or teacher.width)
+    if teacher.family.sized and given != (teacher.depth, teacher.width):
+        raise UserError(f"--wrn_depth/--wrn_width {given[0]}/{given[1]} do not match the "
+                        f"teacher checkpoint ({teacher.name}); for a student of another "
+                        "shape use --diff_shape --stu_depth D --stu_width W")
+    if not args.diff_shape:
+        return teacher
+    if not teacher.family.sized:
+        raise UserError("--diff_shape is for WRN students only")
+    return Network(teacher.arch, args.stu_depth, args.stu_width, teacher.num_classes)
 
 
 def make_optimizer(model, args):
@@ -783,39 +687,55 @@ def append_log(path: str, row: dict) -> None:
 # Main.
 # --------------------------------------------------------------------------------------------
 
-def fit(model, train_loader, val_loader, optimizer, scheduler, scaler, rt, loss_fn, args,
-        start_epoch, history, log_rows, paths):
-    """Train from start_epoch to args.epochs; checkpoint and log after every epoch."""
-    net = model.module if isinstance(model, DistributedDataParallel) else model
-    for epoch in range(start_epoch, args.epochs):
+def fit(run: Run, rt: Runtime, args, paths: RunPaths) -> Run:
+    """Train from run.epoch to args.epochs; checkpoint and log after every epoch."""
+    for epoch in range(run.epoch, args.epochs):
         t0 = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        set_epoch(train_loader, epoch)
-        train_loss, train_err = train_one_epoch(model, train_loader, optimizer, scaler, rt,
-                                                partial(loss_fn, epoch=epoch),   # DKD's warm-up
-                                                f"epoch {epoch + 1}/{args.epochs}",
-                                                args.print_freq)
-        speed = len(train_loader.dataset) / (time.perf_counter() - t0)
-        val_loss, val_err = validate(model, val_loader, rt)
-        scheduler.step()
+        lr = run.optimizer.param_groups[0]["lr"]
+        set_epoch(run.train_loader, epoch)
+        train_loss, train_err = train_one_epoch(
+            run.model, run.train_loader, run.optimizer, run.scaler, rt,
+            partial(run.loss_fn, epoch=epoch),   # DKD's warm-up
+            Progress(f"epoch {epoch + 1}/{args.epochs}", args.print_freq))
+        speed = len(run.train_loader.dataset) / (time.perf_counter() - t0)
+        val_loss, val_err = validate(run.model, run.val_loader, rt)
+        run.scheduler.step()
         seconds = time.perf_counter() - t0
-        for key, value in zip(history, (train_loss, train_err, val_loss, val_err)):
-            history[key].append(value)
         row = dict(zip(LOG_FIELDS, (epoch + 1, lr, train_loss, train_err, val_loss, val_err,
                                     round(seconds, 2))))
-        log_rows.append(row)
+        run.log.append(row)
+        run.epoch = epoch + 1
         if rt.main:
-            state = checkpoint_state(net, optimizer, scheduler, scaler, epoch + 1, args, history)
-            state["log"] = list(log_rows)
-            save_checkpoint(paths[0], state)
-            append_log(paths[1], row)
+            save_checkpoint(paths.checkpoint, run.state(args))
+            append_log(paths.log, row)
             if args.plot:   # training curves beside the log, redrawn each epoch
                 from plots import plot_training
-                plot_training(paths[1], paths[0][:-3] + ".png")
+                plot_training(paths.log, paths.plot)
         rt.print(f"epoch {epoch + 1}/{args.epochs}  lr {lr:.4g}  train loss {train_loss:.4f} "
                  f"err {train_err:.2f}%  val loss {val_loss:.4f} err {val_err:.2f}%  "
                  f"{seconds:.1f} s  {speed:.0f} img/s (train)")
-    return history
+    return run
+
+
+def train_genotype(genotype, folder: str, name: str, flags: dict) -> float:
+    """Train `genotype` from scratch as a teacher (cross-entropy, cosine schedule) into
+    <folder>/checkpoints/<name>.t7 and return its final validation error (%): the short
+    training that fisher_rank.py --rerank and study.py rank candidates by. `flags` are main.py
+    flags without their dashes (dataset, data_loc, arch, epochs, ...): None is left out, True
+    is a bare switch."""
+    genotype_csv = os.path.join(folder, "genotypes", name + ".csv")
+    save_genotype(genotype_csv, genotype)
+    flags = dict(flags)
+    argv = [flags.pop("dataset"), "teacher", "--from_genotype", genotype_csv, "-t", name,
+            "--checkpoint_dir", os.path.join(folder, "checkpoints"), "--cosine", "--overwrite"]
+    for key, value in flags.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not None:
+            argv += [f"--{key}", str(value)]
+    main(get_args_parser().parse_args(argv))
+    ckpt = load_checkpoint(os.path.join(folder, "checkpoints", name + ".t7"))
+    return float(ckpt["val_errors"][-1])
 
 
 def main(args):
@@ -827,6 +747,12 @@ def main(args):
         return train(args, rt)
 
 
+def setup_runtime(args) -> Runtime:
+    """Device, process group (runtime.start_runtime) and this run's precision."""
+    return with_precision(start_runtime(args.device), "off" if args.no_amp else args.amp,
+                          args.no_channels_last, args.compile)
+
+
 def train(args, rt: Runtime):
     """Everything that can fail on bad input happens before the first file is written."""
     if args.module:
@@ -834,37 +760,42 @@ def train(args, rt: Runtime):
     if args.mode == "student" and args.student_checkpoint == args.teacher_checkpoint:
         raise UserError("-s and -t name the same checkpoint: the student would overwrite its "
                         "teacher; give the student another name")
-    name = run_name(args)
-    paths = (os.path.join(args.checkpoint_dir, name + ".t7"),
-             os.path.join(args.checkpoint_dir, name + ".log.csv"))
+    paths = RunPaths.of(args.checkpoint_dir, run_name(args))
     check_writable(args.checkpoint_dir, "--checkpoint_dir")
-    ckpt = start_or_resume(args, paths[0], rt)
+    ckpt = start_or_resume(args, paths.checkpoint, rt)
     if args.mode == "student":
         resolve_distill(args, ckpt.get("args", {}) if ckpt else None)
-    if ckpt and finished(ckpt, args, paths[0], rt):
+    if ckpt and finished(ckpt, args, paths.checkpoint, rt):
         return None
+    run, teacher = set_up(args, rt, paths, ckpt)
+    if rt.main:
+        write_log(paths.log, run.log)
+    if rt.world > 1:
+        run.model = DistributedDataParallel(
+            run.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    fit(run, rt, args, paths)
+    return {"model": unwrap(run.model), "teacher": teacher, "history": run.history()}
+
+
+def set_up(args, rt: Runtime, paths: RunPaths, ckpt: Optional[dict]):
+    """(Run, teacher or None): data, network (new, or the checkpoint's), optimiser, schedule
+    and loss, on the device, with the start-up lines printed."""
     train_loader, val_loader, num_classes = make_loaders(
-        args, rt, lambda n: check_resume_classes(ckpt, n, args, paths[0]))
+        args, rt, lambda n: check_resume_classes(ckpt, n, args, paths.checkpoint))
     teacher = load_teacher(args, num_classes) if args.mode == "student" else None
-
     torch.manual_seed(args.seed)   # same initial weights in every process and every rerun
-    model = model_from_checkpoint(ckpt, paths[0]) if ckpt else new_model(args, num_classes, teacher)
+    model = (model_from_checkpoint(ckpt, paths.checkpoint) if ckpt
+             else new_model(args, num_classes, teacher))
     rt.place(model, compile=True)
-    optimizer, scaler = make_optimizer(model, args), rt.grad_scaler()
-    scheduler = make_scheduler(optimizer, args)
-    history = {k: [] for k in ("train_losses", "train_errors", "val_losses", "val_errors")}
-    log_rows, start_epoch = [], 0
+    optimizer = make_optimizer(model, args)
+    run = Run(model, train_loader, val_loader, optimizer, make_scheduler(optimizer, args),
+              rt.grad_scaler(), make_student_loss_fn(teacher, args) if teacher else
+              teacher_loss_fn)
     if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        extend_schedule(scheduler, optimizer, args)
-        scaler.load_state_dict(ckpt["scaler"])
-        history = {k: list(ckpt.get(k, [])) for k in history}
-        log_rows, start_epoch = list(ckpt.get("log", [])), ckpt["epoch"]
-
+        run.resume(ckpt, args)
     record_precision(args, rt, ckpt)
-    rt.print(f"{args.mode} {name}: {describe(model)} on {rt.device} x{rt.world}, "
-             f"{rt.precision()}{f', resuming after epoch {start_epoch}' if ckpt else ''}")
+    rt.print(f"{args.mode} {run_name(args)}: {describe(model)} on {rt.device} x{rt.world}, "
+             f"{rt.precision()}{f', resuming after epoch {run.epoch}' if ckpt else ''}")
     if rt.device.type == "cuda" and rt.world == 1 and torch.cuda.device_count() > 1:
         rt.print(f"{torch.cuda.device_count()} GPUs visible, 1 used: launch with torchrun "
                  f"--nproc_per_node {torch.cuda.device_count()} main.py ... to use them all")
@@ -872,18 +803,7 @@ def train(args, rt: Runtime):
         rt.place(teacher)
         rt.print(f"teacher {args.teacher_checkpoint}: {describe(teacher)}, "
                  f"val error {validate(teacher, val_loader, rt)[1]:.2f}%")
-        loss_fn = make_student_loss_fn(teacher, args)
-    else:
-        loss_fn = teacher_loss_fn
-    if rt.main:
-        write_log(paths[1], log_rows)
-    if rt.world > 1:
-        model = DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    fit(model, train_loader, val_loader, optimizer, scheduler, scaler, rt, loss_fn, args,
-        start_epoch, history, log_rows, paths)
-    net = model.module if isinstance(model, DistributedDataParallel) else model
-    return {"model": net, "teacher": teacher, "history": history}
+    return run, teacher
 
 
 if __name__ == "__main__":

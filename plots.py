@@ -1,7 +1,7 @@
 """Pictures of a BlockSwap run: the search, a training log, a sweep, a proxy study.
 
     python plots.py search results/fisher_at_800000.csv [-o out.png] [--param_goal P]
-    python plots.py training checkpoints/<name>.log.csv     (or .jsonl)
+    python plots.py training checkpoints/<name>.log.csv
     python plots.py sweep sweep.csv                          (columns name, params, error[, method])
     python plots.py study study.csv [--error val_error]      (one column per proxy)
 
@@ -14,7 +14,6 @@ import argparse
 import io
 import json
 import os
-import re
 import sys
 from typing import Optional, Sequence
 
@@ -25,10 +24,9 @@ from matplotlib.figure import Figure
 from matplotlib.transforms import Bbox
 from matplotlib.ticker import FuncFormatter
 
-from count_ops import count_state_params
-from funcs import HelpFormatter, atomic_write, run_cli
-from models.blocks import UserError
-from proxies import PROXIES, spearman
+from funcs import HelpFormatter, atomic_write, load_checkpoint, run_cli
+from models.blocks import UserError, count_state_params
+from proxies import PROXIES, ProxySpec, spearman
 
 DPI = 100
 BEST_COLOUR, CLOUD_COLOUR, WINDOW_COLOUR = "tab:red", "tab:blue", "tab:green"
@@ -114,16 +112,28 @@ def auto_log(ax, values, axis: str):
 # The search: score against parameters and MACs
 # --------------------------------------------------------------------------------------------
 
-def score_column(df: pd.DataFrame, score: Optional[str] = None) -> str:
-    if score is not None:
-        if score not in df.columns:
-            raise UserError(f"no column {score!r} in the results; has {', '.join(df.columns)}")
-        return score
-    for name in ("fisher", "score", *PROXIES):
-        if name in df.columns and name not in ("params",):
-            return name
-    raise UserError("results need a score column (fisher, score or a proxy name); has "
-                    + ", ".join(map(str, df.columns)))
+def search_settings(results) -> dict:
+    """The settings fisher_rank.py wrote beside a results CSV (<stem>.json), or {}."""
+    path = os.path.splitext(results)[0] + ".json" if isinstance(results, str) else None
+    if not path or not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def score_column(df: pd.DataFrame, score: Optional[str], settings: dict) -> str:
+    """The column to plot: `score`, else the first proxy of the search's settings."""
+    if score is None and settings.get("proxy"):
+        score = ProxySpec(settings["proxy"]).columns[0]
+    if score is None:
+        raise UserError("which column is the score? pass --score (no settings file beside the "
+                        "results names the search's proxy)")
+    if score not in df.columns:
+        raise UserError(f"no column {score!r} in the results; has {', '.join(df.columns)}")
+    return score
 
 
 def running_best(scores: Sequence[float]) -> np.ndarray:
@@ -137,40 +147,25 @@ def running_best(scores: Sequence[float]) -> np.ndarray:
     return np.array(rows, dtype=int)
 
 
-def guess_goal(df: pd.DataFrame, path) -> dict:
-    """Budget goal from a file named like fisher_at_800000.csv: a parameter goal when the
-    candidates sit within 5% of it, a MAC goal when their MACs do, else nothing."""
-    m = re.search(r"_at_(\d+)", os.path.basename(str(path))) if isinstance(path, str) else None
-    if not m:
-        return {}
-    goal = int(m.group(1))
-    for col in ("params", "macs"):
-        if col in df.columns and (abs(df[col] / goal - 1) <= 0.05).mean() > 0.5:
-            return {col: goal}
-    return {}
-
-
-def plot_search(results, out_png: str, param_goal=None, mac_goal=None, tol: float = 0.025,
-                score: Optional[str] = None, latency_goal=None) -> str:
-    """Score against params (and MACs) for every scored candidate, in scoring (file) order:
-    the running best joined up, the final best starred, the budget window shaded."""
+def plot_search(results, out_png: str, score: Optional[str] = None,
+                goals: Optional[dict] = None) -> str:
+    """Score against params (and MACs, predicted latency) for every scored candidate, in
+    scoring (file) order: the running best joined up, the final best starred, the budget
+    window shaded. goals: {'param_goal', 'mac_goal', 'latency_goal', 'tol'}, by default from
+    the search's settings beside `results`; given ones replace those."""
+    settings = search_settings(results)
+    goals = {**{k: settings.get(k) for k in GOALS}, **{k: v for k, v in (goals or {}).items()
+                                                         if v is not None}}
     df = read_table(results, "search results", ["params"])
-    col = score_column(df, score)
+    col = score_column(df, score, settings)
     df = df[np.isfinite(pd.to_numeric(df[col], errors="coerce"))].reset_index(drop=True)
     if df.empty:
         raise UserError(f"search results: no finite {col} values to plot")
-    if param_goal is None and mac_goal is None:
-        goals = guess_goal(df, results)
-        param_goal, mac_goal = goals.get("params"), goals.get("macs")
     bests = running_best(df[col])
     best = df.iloc[bests[-1]]
     label = df["index"] if "index" in df.columns else pd.Series(df.index)
-
-    xs = [("params", "parameters", param_goal)]
-    if "macs" in df.columns:
-        xs.append(("macs", "MACs", mac_goal))
-    if "latency_ms" in df.columns:
-        xs.append(("latency_ms", "predicted latency (ms)", latency_goal))
+    tol = goals.get("tol") or 0.025
+    xs = [(x, xlabel, goals.get(goal)) for x, xlabel, goal in SEARCH_AXES if x in df.columns]
     fig, axes = new_figure(len(xs) + 1, panel=(5.2, 4.3))
     for ax, (x, xlabel, goal) in zip(axes, xs):
         if goal:
@@ -189,27 +184,8 @@ def plot_search(results, out_png: str, param_goal=None, mac_goal=None, tol: floa
                     bbox=dict(boxstyle="round,pad=0.25", fc="white", ec="0.7", alpha=0.9))
         ax.xaxis.set_major_formatter(FuncFormatter(human))
         ax.set_xlabel(xlabel)
-    # Last panel: the score in scoring order, and the best so far.
-    ax = axes[-1]
-    order = np.arange(1, len(df) + 1)
-    ax.scatter(order, df[col], s=8, alpha=0.45, color=CLOUD_COLOUR, lw=0)
-    ax.step(order, np.maximum.accumulate(df[col].to_numpy(dtype=float)), where="post",
-            color=BEST_COLOUR, lw=1.5, label="best so far")
-    ax.scatter(order[bests], df[col].iloc[bests], s=28, color=BEST_COLOUR, edgecolor="black",
-               lw=0.5, zorder=4)
-    ax.scatter([order[bests[-1]]], [best[col]], marker="*", s=280, color=BEST_COLOUR,
-               edgecolor="black", lw=0.6, zorder=5)
-    ax.set_xlabel("candidates scored")
-    for ax in axes:
-        auto_log(ax, df[col], "y")
-        ax.set_ylabel(col)
-        ax.margins(y=0.15)
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    handles.append(axes[-1].get_legend_handles_labels()[0][0])
-    labels.append("best so far")
-    fig.legend(handles, labels, loc="lower center", ncol=len(handles), fontsize=9,
-               frameon=False)
+    scoring_order_panel(axes[-1], df[col], bests)
+    finish_search_figure(fig, axes, df[col])
     fig.suptitle(f"search: {len(df)} candidates scored; best #{label.iloc[bests[-1]]}: "
                  f"{col} {best[col]:.4g}, {human(best['params'])} params"
                  + (f", {human(best['macs'])} MACs" if "macs" in df.columns else ""))
@@ -217,33 +193,59 @@ def plot_search(results, out_png: str, param_goal=None, mac_goal=None, tol: floa
     return save(fig, out_png)
 
 
+GOALS = ("param_goal", "mac_goal", "latency_goal", "tol")
+# (results column, axis label, the goal that shades its window)
+SEARCH_AXES = (("params", "parameters", "param_goal"), ("macs", "MACs", "mac_goal"),
+               ("latency_ms", "predicted latency (ms)", "latency_goal"))
+
+
+def scoring_order_panel(ax, scores: pd.Series, bests: np.ndarray) -> None:
+    """The score in scoring order, the best so far as a step line, the best starred."""
+    order = np.arange(1, len(scores) + 1)
+    ax.scatter(order, scores, s=8, alpha=0.45, color=CLOUD_COLOUR, lw=0)
+    ax.step(order, np.maximum.accumulate(scores.to_numpy(dtype=float)), where="post",
+            color=BEST_COLOUR, lw=1.5, label="best so far")
+    ax.scatter(order[bests], scores.iloc[bests], s=28, color=BEST_COLOUR, edgecolor="black",
+               lw=0.5, zorder=4)
+    ax.scatter([order[bests[-1]]], [scores.iloc[bests[-1]]], marker="*", s=280,
+               color=BEST_COLOUR, edgecolor="black", lw=0.6, zorder=5)
+    ax.set_xlabel("candidates scored")
+
+
+def finish_search_figure(fig: Figure, axes, scores: pd.Series) -> None:
+    """Shared y axes (log when the scores span decades) and one legend under the panels."""
+    for ax in axes:
+        auto_log(ax, scores, "y")
+        ax.set_ylabel(scores.name)
+        ax.margins(y=0.15)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    handles.append(axes[-1].get_legend_handles_labels()[0][0])
+    labels.append("best so far")
+    fig.legend(handles, labels, loc="lower center", ncol=len(handles), fontsize=9,
+               frameon=False)
+
+
 # --------------------------------------------------------------------------------------------
 # Training curves
 # --------------------------------------------------------------------------------------------
 
 def read_log(log_path) -> pd.DataFrame:
-    """A training log as CSV or JSON lines (one object per line); a half-written last line
-    (a run killed mid-write) is skipped; a resumed run's repeated epochs keep the last row."""
+    """A training log (main.py's <name>.log.csv); a half-written last line (a run killed
+    mid-write) is skipped; a resumed run's repeated epochs keep the last row."""
     if isinstance(log_path, pd.DataFrame):
         df = log_path.copy()
     else:
         if not os.path.isfile(log_path):
             raise UserError(f"training log {log_path} not found")
-        with open(log_path) as f:
+        with open(log_path, errors="replace") as f:
             text = f.read()
-        if text.lstrip().startswith("{"):
-            rows = []
-            for line in text.splitlines():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-            df = pd.DataFrame(rows)
-        else:
-            try:
-                df = pd.read_csv(io.StringIO(text), on_bad_lines="skip")
-            except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-                raise UserError(f"{log_path}: not a CSV or JSON-lines log ({e})") from None
+        if text and not text.endswith("\n"):
+            text = text[:text.rfind("\n") + 1]     # the line a kill interrupted
+        try:
+            df = pd.read_csv(io.StringIO(text), on_bad_lines="skip")
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            raise UserError(f"{log_path}: not a CSV log ({e})") from None
     if "epoch" not in df.columns or df.empty:
         raise UserError(f"training log {log_path}: expected rows with an 'epoch' column "
                         "(epoch, lr, train_loss, train_error, val_loss, val_error, seconds)")
@@ -362,7 +364,6 @@ def collect_sweep(checkpoint_dir: str) -> pd.DataFrame:
     %), epochs, method (teacher; blockswap for a genotype student; moonshine for a uniform or
     reshaped student), finished (False while fewer epochs are done than the run asked for).
     A file that is not a checkpoint of main.py is skipped with a warning."""
-    from main import load_checkpoint   # main imports plots lazily too: no cycle at import
     rows = []
     for name in sorted(os.listdir(checkpoint_dir)):
         if not name.endswith(".t7"):
@@ -470,11 +471,13 @@ def get_args_parser():
     p = sub.add_parser("search", help="score vs params/MACs of a results/fisher_at_<goal>.csv")
     p.add_argument("path")
     p.add_argument("--param_goal", type=float, default=None,
-                   help="shade this parameter window (default: from a name like fisher_at_<goal>)")
+                   help="shade this parameter window (default: the search's, from its .json)")
     p.add_argument("--mac_goal", type=float, default=None)
-    p.add_argument("--tol", type=float, default=0.025, help="budget window, +-fraction")
-    p.add_argument("--score", default=None, help="score column (default: fisher or score)")
-    p = sub.add_parser("training", help="curves from a checkpoints/<name>.log.csv or .jsonl")
+    p.add_argument("--latency_goal", type=float, default=None)
+    p.add_argument("--tol", type=float, default=None, help="budget window, +-fraction")
+    p.add_argument("--score", default=None,
+                   help="score column (default: the search's proxy, from its .json)")
+    p = sub.add_parser("training", help="curves from a checkpoints/<name>.log.csv")
     p.add_argument("path")
     p = sub.add_parser("sweep", help="error vs params from a CSV (name, params, error[, method]) "
                                      "or a checkpoint folder (also writes its sweep.csv)")
@@ -493,7 +496,7 @@ def main(args):
     out = args.out or os.path.splitext(args.path)[0] + ".png"
     image_format(out)   # a bad -o suffix fails before anything is written
     if args.what == "search":
-        path = plot_search(args.path, out, args.param_goal, args.mac_goal, args.tol, args.score)
+        path = plot_search(args.path, out, args.score, {k: getattr(args, k) for k in GOALS})
     elif args.what == "training":
         path = plot_training(args.path, out)
     elif args.what == "sweep":

@@ -15,7 +15,6 @@ torch.autograd.grad, never .backward()).
 Fisher potential (BlockSwap's own proxy) stays the default of fisher_rank.py; the others let a
 user compare proxies on the same candidates (see `spearman` for the rank correlation).
 """
-import contextlib
 import copy
 from typing import Callable, Dict, List
 
@@ -25,8 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from count_ops import count_params
-from funcs import fisher_scores
+from models.blocks import count_params
+from funcs import fisher_scores, logits_of, scoring_mode
 from models.blocks import UserError
 
 Proxy = Callable[[nn.Module, torch.Tensor, torch.Tensor], float]
@@ -60,11 +59,6 @@ SCORED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
-def logits_of(output) -> torch.Tensor:
-    """Our networks return (logits, activations); plain modules return logits."""
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 def scored_weights(net: nn.Module) -> List[nn.Parameter]:
     """The weight of every conv and linear layer, in module order (shared ones once)."""
     seen, weights = set(), []
@@ -75,25 +69,9 @@ def scored_weights(net: nn.Module) -> List[nn.Parameter]:
     return weights
 
 
-@contextlib.contextmanager
-def preserved(net: nn.Module):
-    """Run in train mode; afterwards restore the mode and every buffer (a training-mode forward
-    updates BatchNorm running statistics and num_batches_tracked)."""
-    was_training = net.training
-    buffers = [(b, b.detach().clone()) for b in net.buffers()]
-    net.train()
-    try:
-        yield net
-    finally:
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
-        net.train(was_training)
-
-
 def loss_grads(net: nn.Module, inputs, targets, weights) -> List[torch.Tensor]:
     """dL/dw for the mean cross-entropy of one minibatch, without touching any `.grad`."""
-    with preserved(net):
+    with scoring_mode(net):
         loss = F.cross_entropy(logits_of(net(inputs)), targets)
         grads = torch.autograd.grad(loss, weights, allow_unused=True)
     return [torch.zeros_like(w) if g is None else g for w, g in zip(weights, grads)]
@@ -193,14 +171,14 @@ class ReluKernel(TorchFunctionMode):
 def naswot(net, inputs, targets) -> float:
     """NASWOT (Mellor et al. 2021): log|det K| of the kernel K_ij = sum over ReLUs of
     N_A - Hamming distance between the binary activation codes of inputs i and j."""
-    with preserved(net), torch.no_grad(), ReluKernel(len(inputs), inputs.device) as mode:
+    with scoring_mode(net), torch.no_grad(), ReluKernel(len(inputs), inputs.device) as mode:
         net(inputs)
     return float(torch.linalg.slogdet(mode.kernel).logabsdet)
 
 
 @proxy("params")
 def params(net, inputs, targets) -> float:
-    """The parameter count (count_ops.count_params): the baseline every proxy should beat."""
+    """The parameter count (models.blocks.count_params): the baseline every proxy should beat."""
     return float(count_params(net))
 
 
@@ -216,7 +194,7 @@ def jacob_cov(net, inputs, targets) -> float:
     it ranks last instead of poisoning a sort. BatchNorm stays in, train mode (bn=True there).
     The score is already a log-determinant-like quantity: no further log.
     """
-    with preserved(net):
+    with scoring_mode(net):
         x = inputs.detach().clone().requires_grad_(True)
         (jac,) = torch.autograd.grad(logits_of(net(x)).sum(), x)
     return jacob_cov_score(jac.flatten(1))
@@ -243,7 +221,7 @@ def grasp(net, inputs, targets) -> float:
     a signed sum of moderate magnitude: reported as is (no log).
     """
     weights = scored_weights(net)
-    with preserved(net):
+    with scoring_mode(net):
         loss = F.cross_entropy(logits_of(net(inputs)), targets)
         grads = torch.autograd.grad(loss, weights, create_graph=True, allow_unused=True)
         used = [(w, g) for w, g in zip(weights, grads) if g is not None]
@@ -300,7 +278,7 @@ def meco(net, inputs, targets) -> float:
             found.append(min_channel_correlation_eig(out[0]))
     handles = [m.register_forward_hook(hook) for m in net.modules()]
     try:
-        with preserved(net), torch.no_grad():
+        with scoring_mode(net), torch.no_grad():
             net(inputs[:1])
     finally:
         for h in handles:
@@ -353,7 +331,7 @@ def swap(net, inputs, targets) -> float:
     size near mu; a within-budget search fixes params to +-2.5%, and with mu and sigma taken from
     one network, as their compute_swap does, sigma is undefined). A count: no log.
     """
-    with preserved(net), torch.no_grad(), ReluCodes() as mode:
+    with scoring_mode(net), torch.no_grad(), ReluCodes() as mode:
         net(inputs)
     if not mode.codes:
         return 0.0

@@ -28,22 +28,22 @@ from tqdm import tqdm
 import fisher_rank
 import main as trainer
 from count_ops import CostTable
-from funcs import (HelpFormatter, atomic_write, check_writable, get_datasets, pick_device,
-                   run_cli, sample_genotypes, save_genotype, subset, subset_indices)
-from loaders import Augment, add_loader_args, augmented_batches, choose_loader, tensor_images
-from models import SEARCH_SPACE, UserError, WideResNet, load_block_module
+from funcs import (Budget, HelpFormatter, atomic_write, budget_args, check_writable,
+                   format_convs, get_datasets,
+                   run_cli, sample_genotypes, subset, subset_indices)
+from loaders import Augment, augmented_batches, choose_loader, data_args, tensor_images
+from models import SEARCH_SPACE, Network, UserError, load_block_module, network_args
+from runtime import device_args, pick_device
 from proxies import PROXIES, VOTE, ProxySpec, get_proxy, kendall, spearman
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Rank correlation of zero-cost proxies with "
-                                "trained error", formatter_class=HelpFormatter)
-    p.add_argument("dataset", choices=["cifar10", "cifar100"])
-    p.add_argument("--data_loc", required=True, help="CIFAR folder or ImageFolder root")
-    p.add_argument("--wrn_depth", default=16, type=int)
-    p.add_argument("--wrn_width", default=2, type=int)
-    p.add_argument("--param_goal", default=None, type=int, help="budget (+-2.5%%); none: any size")
-    p.add_argument("--mac_goal", default=None, type=int)
+                                "trained error", formatter_class=HelpFormatter,
+                                parents=[data_args(), network_args(), budget_args(),
+                                         device_args()])
+    # A study trains every candidate: a WRN-16-2 space by default, small enough for a CPU.
+    p.set_defaults(wrn_depth=16, wrn_width=2)
     p.add_argument("--candidates", default=24, type=int, help="K genotypes to score and train")
     p.add_argument("--proxies", default=",".join(PROXIES), help="comma-separated proxy names")
     p.add_argument("--batch_size", default=128, type=int, help="scoring and training batch")
@@ -51,12 +51,8 @@ def get_args_parser():
     p.add_argument("--lr", default=0.1, type=float)
     p.add_argument("--train_subset", default=5000, type=int)
     p.add_argument("--val_subset", default=2000, type=int)
-    p.add_argument("--workers", default=0, type=int)
-    add_loader_args(p)
     p.add_argument("--seed", default=0, type=int)
-    p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="output folder (default results/study_<goal>)")
-    p.add_argument("--module", default=None, help="Python file that calls register_block()")
     p.add_argument("--train_seeds", default=1, type=int,
                    help="train every candidate this many times; the mean error is the truth and "
                         "the seed-to-seed rank correlation the noise ceiling")
@@ -100,7 +96,7 @@ def score(args, genotype, index, names, batch, device, replica=0) -> dict:
     scores = {}
     for name in names:
         torch.manual_seed(args.seed + index + REPLICA_STRIDE * replica)
-        net = WideResNet(args.wrn_depth, args.wrn_width, genotype, num_classes).to(device)
+        net = Network.from_args(args, num_classes).build(genotype).to(device)
         scores[name] = get_proxy(name)(net, x, y)
     return scores
 
@@ -108,22 +104,15 @@ def score(args, genotype, index, names, batch, device, replica=0) -> dict:
 def train(args, genotype, index, folder, replica=0) -> float:
     """Train one candidate with main.py (cross-entropy, cosine schedule); its val error (%).
     Replica r > 0 (--train_seeds): the same candidate with another training seed."""
-    geno_csv = os.path.join(folder, "genotypes", f"candidate_{index}.csv")
-    save_genotype(geno_csv, genotype, index=index)
     name = f"candidate_{index}" + (f"_seed{replica}" if replica else "")
-    argv = [args.dataset, "teacher", "--data_loc", args.data_loc, "--from_genotype", geno_csv,
-            "--wrn_depth", str(args.wrn_depth), "--wrn_width", str(args.wrn_width),
-            "-t", name, "--checkpoint_dir", os.path.join(folder, "checkpoints"),
-            "--epochs", str(args.epochs), "--lr", str(args.lr), "--cosine",
-            "--batch_size", str(args.batch_size), "--train_subset", str(args.train_subset),
-            "--val_subset", str(args.val_subset), "--workers", str(args.workers),
-            "--seed", str(args.seed + index + REPLICA_STRIDE * replica), "--device", args.device, "--overwrite",
-            "--loader", args.loader,
-            *(["--cache_dir", args.cache_dir] if args.cache_dir else []),
-            *(["--module", args.module] if args.module else [])]
-    trainer.main(trainer.get_args_parser().parse_args(argv))
-    ckpt = trainer.load_checkpoint(os.path.join(folder, "checkpoints", name + ".t7"))
-    return float(ckpt["val_errors"][-1])
+    return trainer.train_genotype(genotype, folder, name, dict(
+        dataset=args.dataset, data_loc=args.data_loc, arch=args.arch,
+        wrn_depth=args.wrn_depth, wrn_width=args.wrn_width, epochs=args.epochs, lr=args.lr,
+        batch_size=args.batch_size, train_subset=args.train_subset,
+        val_subset=args.val_subset, workers=args.workers,
+        seed=args.seed + index + REPLICA_STRIDE * replica,
+        subset_seed=args.seed,      # every candidate and seed: the same images
+        device=args.device, loader=args.loader, cache_dir=args.cache_dir, module=args.module))
 
 
 def read_done(path, columns):
@@ -157,14 +146,17 @@ def validate(args) -> None:
             raise UserError(f"--{key} {getattr(args, key)}: must be at least 1")
     if not args.lr > 0:
         raise UserError(f"--lr {args.lr}: must be a positive number")
+    if not 0 < args.tol < 1:
+        raise UserError(f"--tol {args.tol}: must be strictly between 0 and 1")
 
 
 def check_settings(folder, args):
     """A resumed study must use the settings it started with (settings.json beside it)."""
     os.makedirs(folder, exist_ok=True)
     settings = {k: v for k, v in vars(args).items()
-                if k not in ("workers", "device", "out", "cache_dir", "bootstrap")
-                and not (k in ("train_seeds", "score_seeds") and v == 1)}   # old studies resume
+                if k not in ("workers", "device", "out", "cache_dir", "bootstrap", "download")
+                and not (k in ("train_seeds", "score_seeds") and v == 1)   # old studies resume
+                and not (k == "tol" and v == 0.025)}
     fisher_rank.check_settings(os.path.join(folder, "settings.json"), settings)
 
 
@@ -296,8 +288,9 @@ def summarise(df, spec, args, seconds) -> str:
     for item in items:
         lines.append(proxy_row(item, spec.scores(item, table), error, args.bootstrap))
     n_train, n_val = data_used(args)
-    lines += ["", f"WRN-{args.wrn_depth}-{args.wrn_width} space, goal "
-              f"{args.param_goal or args.mac_goal or 'any'}, {len(df)} candidates, "
+    goal = args.param_goal or args.mac_goal
+    lines += ["", f"{Network.from_args(args).name} space, goal "
+              f"{f'{goal} +-{args.tol:.1%}' if goal else 'any'}, {len(df)} candidates, "
               f"{args.epochs} epochs on {n_train} training images (asked {args.train_subset}), "
               f"validation on {n_val}, {args.train_seeds} training seed(s) per candidate "
               f"(truth: their mean error); val error {error.min():.1f}-{error.max():.1f}% "
@@ -329,8 +322,8 @@ def main(args):
     names = spec.columns
     folder = out_dir(args)
     device = pick_device(args.device)
-    table = CostTable.for_wrn(args.wrn_depth, args.wrn_width, names=SEARCH_SPACE)
-    genotypes = sample_genotypes(table, args.candidates, args.param_goal, args.mac_goal,
+    table = CostTable.for_network(Network.from_args(args), names=SEARCH_SPACE)
+    genotypes = sample_genotypes(table, args.candidates, Budget.from_args(args),
                                  seed=args.seed)
     data = get_datasets(args.dataset, args.data_loc)
     check_writable(folder, "--out")
@@ -356,7 +349,7 @@ def main(args):
             t0 = time.time()
             errors = [train(args, genotype, i, folder, r) for r in range(args.train_seeds)]
             params, macs = table.cost(genotype)
-            writer.writerow([i, str(genotype), params, macs,
+            writer.writerow([i, format_convs(genotype), params, macs,
                              *[scores[n] for n in extra + score_cols],
                              *(errors if error_cols else []), float(np.mean(errors)),
                              round(time.time() - t0, 1)])

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from count_ops import CostTable  # noqa: E402
-from funcs import fisher_scores, sample_genotypes  # noqa: E402
+from funcs import Budget, fisher_scores, sample_genotypes  # noqa: E402
 from models import WideResNet, residual_blocks  # noqa: E402
 from proxies import PROXIES, get_proxy  # noqa: E402
 
@@ -79,7 +79,7 @@ def main():
     t = time.perf_counter()
     table = CostTable.for_wrn(40, 2)
     print(f"cost table WRN-40-2 (24 types x 18 positions): {time.perf_counter() - t:.2f} s")
-    genotype = sample_genotypes(table, 1, param_goal=800_000, seed=0)[0]
+    genotype = sample_genotypes(table, 1, Budget(800_000), seed=0)[0]
     x = torch.randn(args.batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
     net = WideResNet(40, 2, genotype).to(device).train()
@@ -111,12 +111,12 @@ def main():
 
     for goal in (162_000, 800_000, 1_600_000):
         t = time.perf_counter()
-        g = sample_genotypes(table, 1000, param_goal=goal, seed=1)
+        g = sample_genotypes(table, 1000, Budget(goal), seed=1)
         dt = time.perf_counter() - t
         print(f"  sampling 1000 distinct at {goal:>9,} params: {dt * 1e3:7.1f} ms "
               f"({len({tuple(x) for x in g})} distinct)")
     t = time.perf_counter()
-    sample_genotypes(table, 1000, param_goal=800_000, mac_goal=100_000_000, seed=1)
+    sample_genotypes(table, 1000, Budget(800_000, 100_000_000), seed=1)
     print(f"  sampling 1000 at 800K params and 100M MACs: "
           f"{(time.perf_counter() - t) * 1e3:.1f} ms")
 

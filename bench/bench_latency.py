@@ -21,9 +21,10 @@ import pandas as pd
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from count_ops import CostTable  # noqa: E402
 from funcs import sample_genotypes  # noqa: E402
-from latency import (PASSES, fastest_of_passes, load_or_measure,  # noqa: E402
-                     measure_network_ms, summarise_errors, wrn_family)
-from models import SEARCH_SPACE  # noqa: E402
+from latency import (PASSES, Timing, family_of, fastest_of_passes,  # noqa: E402
+                     load_or_measure, measure_network_ms, summarise_errors)
+from funcs import Budget, format_convs  # noqa: E402
+from models import SEARCH_SPACE, Network  # noqa: E402
 
 
 def get_args_parser():
@@ -51,7 +52,7 @@ def genotype_sets(ct, table, n, seed):
     """{'uniform': ..., 'window': ...}: the window is +-5% of the uniform set's median."""
     uniform = sample_genotypes(ct, n, seed=seed)
     goal = float(np.median([table.predict(g) for g in uniform]))
-    window = sample_genotypes(ct, n, tol=0.05, seed=seed + 1, latency=table.quantise(goal))
+    window = sample_genotypes(ct, n, Budget(tol=0.05, latency=table.quantise(goal)), seed=seed + 1)
     return {"uniform": uniform, "window": window}
 
 
@@ -65,12 +66,12 @@ def measure_sets(family, table, sets, args, batch, repeats):
     def measure(job):
         done.append(1)
         print(f"\r  batch {batch}: {len(done)}/{PASSES * len(jobs)} timings", end="", flush=True)
-        return measure_network_ms(family.build(job[1]), family.image_size, batch, args.device,
-                                  args.threads, warmup=2, repeats=repeats, clock=args.clock)
+        return measure_network_ms(family.build(job[1]), family.image_size, Timing(
+            args.device, batch, args.threads, args.clock, warmup=2, repeats=repeats))
     measured = fastest_of_passes(measure, jobs)   # as the table's items: the fastest pass
     print()
     return [{"batch": batch, "set": name, "measured_ms": ms, "predicted_ms": table.predict(g),
-             "summed_ms": table.predict(g) / table.scale, "genotype": repr(g)}
+             "summed_ms": table.predict(g) / table.scale, "genotype": format_convs(g)}
             for (name, g), ms in zip(jobs, measured)]
 
 
@@ -120,14 +121,14 @@ def main(args):
     if args.quick:
         args.wrn_depth, args.wrn_width, args.n, args.batches = 10, 1, 6, "1"
         args.repeats = args.repeats or 3
-    family = wrn_family(args.wrn_depth, args.wrn_width)
+    family = family_of(Network("wrn", args.wrn_depth, args.wrn_width))
     ct = CostTable.for_wrn(args.wrn_depth, args.wrn_width)
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         repeats = args.repeats or (15 if batch == 1 else 3)
-        table = load_or_measure(family, SEARCH_SPACE, args.device, batch, args.threads,
-                                args.cache_dir, warmup=5 if batch == 1 else 1,
-                                repeats=25 if batch == 1 else 5, clock=args.clock)
+        timing = Timing(args.device, batch, args.threads, args.clock,
+                        warmup=5 if batch == 1 else 1, repeats=25 if batch == 1 else 5)
+        table = load_or_measure(family, SEARCH_SPACE, timing, args.cache_dir)
         print(f"table {table.key.file_name()}: scale {table.scale:.3f}, predicted range "
               f"{table.range_ms()[0]:.3g} to {table.range_ms()[1]:.3g} ms")
         sets = genotype_sets(ct, table, args.n if batch == 1 else args.n_large, args.seed)

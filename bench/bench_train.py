@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import main as M  # noqa: E402
-from funcs import pick_device  # noqa: E402
+from models import Network  # noqa: E402
+from runtime import pick_device  # noqa: E402
 
 
 def timed_steps(model, loss_fn, batches, rt, optimizer, scaler):
@@ -74,12 +75,12 @@ def main():
 
     def teacher40():
         torch.manual_seed(1)
-        return M.build_model("wrn", "Conv", 10, 40, 2).eval().requires_grad_(False)
-    cases = [("WRN-16-2 teacher", lambda: M.build_model("wrn", "Conv", 10, 16, 2),
+        return Network("wrn", 40, 2, 10).build().eval().requires_grad_(False)
+    cases = [("WRN-16-2 teacher", lambda: Network("wrn", 16, 2, 10).build(),
               lambda rt: M.teacher_loss_fn),
-             ("WRN-40-2 teacher", lambda: M.build_model("wrn", "Conv", 10, 40, 2),
+             ("WRN-40-2 teacher", lambda: Network("wrn", 40, 2, 10).build(),
               lambda rt: M.teacher_loss_fn),
-             ("WRN-16-2 student of WRN-40-2", lambda: M.build_model("wrn", "Conv", 10, 16, 2),
+             ("WRN-16-2 student of WRN-40-2", lambda: Network("wrn", 16, 2, 10).build(),
               lambda rt: M.make_student_loss_fn(rt.place(teacher40()), student_args))]
     first = None
     for name, make_model, make_loss in cases:

@@ -1,16 +1,15 @@
-"""Networks and block substitutions. See models/blocks.py for the block-type table."""
-from models.blocks import (BLOCK_TYPES, SEARCH_SPACE, BasicBlock, BottleBlock, UserError,
-                           get_block_type, load_block_module, make_block, register_block,
-                           residual_blocks)
+"""Networks and block substitutions. models/blocks.py holds the block-type table,
+models/archs.py the network-family table."""
+from models.archs import (ARCHS, Family, Network, default_arch, get_family, network_args,
+                          register_arch)
+from models.blocks import (BLOCK_TYPES, SEARCH_SPACE, BasicBlock, BlockSlot, BottleBlock,
+                           UserError, get_block_type, load_block_module, make_block,
+                           register_block, residual_blocks)
 from models.resnet import ResNet, resnet18, resnet34
 from models.wide_resnet import WideResNet, wrn_block_count
 
-__all__ = ["BLOCK_TYPES", "SEARCH_SPACE", "BasicBlock", "BottleBlock", "UserError",
-           "get_block_type", "load_block_module", "make_block", "register_block",
-           "residual_blocks", "ResNet", "resnet18", "resnet34", "WideResNet", "wrn_block_count",
-           "default_arch"]
-
-
-def default_arch(dataset: str) -> str:
-    """The network family of a data set when none is named: ResNet-34 on ImageNet, else WRN."""
-    return "resnet34" if dataset == "imagenet" else "wrn"
+__all__ = ["ARCHS", "Family", "Network", "default_arch", "get_family", "network_args",
+           "register_arch", "BLOCK_TYPES", "SEARCH_SPACE", "BasicBlock", "BlockSlot",
+           "BottleBlock", "UserError", "get_block_type", "load_block_module", "make_block",
+           "register_block", "residual_blocks", "ResNet", "resnet18", "resnet34", "WideResNet",
+           "wrn_block_count"]

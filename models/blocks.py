@@ -9,7 +9,7 @@ are those of the original code, so its state dicts load with strict=True.
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch.nn as nn
 import torch.nn.functional as F
@@ -294,6 +294,18 @@ def residual_blocks(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, _Residual)]
 
 
+def count_params(module: nn.Module) -> int:
+    """Learned parameters as the original counts them: the state dict less BN running
+    statistics, `num_batches_tracked` and masks."""
+    return count_state_params(module.state_dict())
+
+
+def count_state_params(state: dict) -> int:
+    """count_params of a saved state dict (a checkpoint's `net`)."""
+    return sum(v.numel() for k, v in state.items()
+               if "running" not in k and "num_batches_tracked" not in k and "mask" not in k)
+
+
 def init_weights(model: nn.Module) -> None:
     """The original's init: conv N(0, sqrt(2 / (k*k*out))), BN (1, 0), linear bias 0."""
     for m in model.modules():
@@ -305,3 +317,48 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
             nn.init.zeros_(m.bias)
+
+
+# --------------------------------------------------------------------------------------------
+# Block positions: what a residual block at one place of a network sees.
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BlockSlot:
+    """One residual-block position: its channels, stride and input size (height = width)."""
+    in_planes: int
+    out_planes: int
+    stride: int
+    size: int
+
+    @property
+    def out_size(self) -> int:
+        return (self.size + self.stride - 1) // self.stride
+
+
+class Head(nn.Module):
+    """What follows a network's last block: [BN-ReLU,] global average pool, classifier."""
+
+    def __init__(self, bn, fc: nn.Module):
+        super().__init__()
+        self.bn, self.fc = bn, fc
+
+    def forward(self, x):
+        if self.bn is not None:
+            x = F.relu(self.bn(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def group_slots(channels: Sequence[int], counts: Sequence[int], strides: Sequence[int],
+                size: int) -> List[BlockSlot]:
+    """The slots of a network of groups, as NetworkBlock builds them: group g has counts[g]
+    blocks from channels[g] to channels[g + 1]; its first block has strides[g]; `size` is the
+    input size of the first group."""
+    slots = []
+    for g, (n, s) in enumerate(zip(counts, strides)):
+        for i in range(n):
+            slots.append(BlockSlot(channels[g] if i == 0 else channels[g + 1], channels[g + 1],
+                                   s if i == 0 else 1, size))
+            if i == 0:
+                size = (size + s - 1) // s
+    return slots

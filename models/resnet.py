@@ -1,18 +1,27 @@
 """Pre-activation ResNet for ImageNet built from the same residual blocks, as the original
 BlockSwap code (stem conv-BN-ReLU-maxpool, four groups, global average pool, no final BN)."""
+from typing import List, Sequence
+
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.blocks import NetworkBlock, check_genotype, init_weights
+from models.blocks import (BlockSlot, Head, NetworkBlock, check_genotype, group_slots,
+                           init_weights)
 
 LAYERS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
+CHANNELS = (64, 64, 128, 256, 512)
+
+
+def resnet_slots(layers: Sequence[int], image_size: int = 224) -> List[BlockSlot]:
+    """Every residual block's channels, stride and input size (the stem divides by 4)."""
+    return group_slots(CHANNELS, list(layers), [1, 2, 2, 2], image_size // 4)
 
 
 class ResNet(nn.Module):
     """forward(x) -> (logits, [output of each of the 4 groups])."""
 
     def __init__(self, layers=(3, 4, 6, 3), convs="Conv", num_classes=1000,
-                 nChannels=(64, 64, 128, 256, 512)):
+                 nChannels=CHANNELS):
         super().__init__()
         layers = tuple(layers)
         self.layers, self.num_classes = layers, num_classes
@@ -31,9 +40,9 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(ch[-1], num_classes)
         init_weights(self)
 
-    @property
-    def convs(self):
-        return list(self.genotype)
+    def fixed_parts(self):
+        """(stem, head): the modules before the first and after the last residual block."""
+        return nn.Sequential(self.conv1, self.bn1, nn.ReLU(), self.mpool), Head(None, self.fc)
 
     def forward(self, x):
         activations = []

@@ -1,8 +1,11 @@
 """Wide ResNet for CIFAR (Zagoruyko & Komodakis), with one block type per residual block."""
+from typing import List
+
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.blocks import NetworkBlock, UserError, check_genotype, init_weights
+from models.blocks import (BlockSlot, Head, NetworkBlock, UserError, check_genotype,
+                           group_slots, init_weights)
 
 
 def wrn_block_count(depth: int) -> int:
@@ -10,6 +13,17 @@ def wrn_block_count(depth: int) -> int:
     if depth < 10 or (depth - 4) % 6:
         raise UserError(f"WRN depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}")
     return 3 * ((depth - 4) // 6)
+
+
+def wrn_channels(width: int):
+    """Channels of the stem and the three groups of a WRN of this width."""
+    return [16, 16 * width, 32 * width, 64 * width]
+
+
+def wrn_slots(depth: int, width: int, image_size: int = 32) -> List[BlockSlot]:
+    """Every residual block's channels, stride and input size, in genotype order."""
+    n = wrn_block_count(depth) // 3
+    return group_slots(wrn_channels(width), [n, n, n], [1, 2, 2], image_size)
 
 
 class WideResNet(nn.Module):
@@ -24,7 +38,7 @@ class WideResNet(nn.Module):
         n = n_blocks // 3
         self.genotype = check_genotype(convs, n_blocks, f"WRN-{depth}-{widen_factor}")
         self.depth, self.widen_factor, self.num_classes = depth, widen_factor, num_classes
-        ch = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        ch = wrn_channels(widen_factor)
 
         self.conv1 = nn.Conv2d(3, ch[0], 3, padding=1, bias=False)
         # ModuleLists of one NetworkBlock keep the original's `block1.0.layer.j` keys.
@@ -36,9 +50,9 @@ class WideResNet(nn.Module):
         self.nChannels = ch[3]
         init_weights(self)
 
-    @property
-    def convs(self):
-        return list(self.genotype)
+    def fixed_parts(self):
+        """(stem, head): the modules before the first and after the last residual block."""
+        return self.conv1, Head(self.bn1, self.fc)
 
     def forward(self, x):
         activations = []

@@ -123,13 +123,28 @@ def test_rerank_trains_the_top_k_writes_csv_and_genotype_and_resumes(
     assert trained == [s["ranking"][2]]
 
 
-def test_rerank_refuses_bad_numbers_other_archs_and_torchrun(tiny_imagefolder, tmp_path,
-                                                            monkeypatch):
+def test_rerank_refuses_bad_numbers_and_torchrun(tiny_imagefolder, tmp_path, monkeypatch):
     from models import UserError
     with pytest.raises(UserError, match="--rerank must be >= 0"):
         run(tiny_imagefolder, tmp_path, "--rerank", "2", "--rerank_epochs", "0")
-    with pytest.raises(UserError, match="cannot be re-ranked"):
-        run(tiny_imagefolder, tmp_path, "--rerank", "2", "--arch", "resnet18")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="without torchrun"):
         run(tiny_imagefolder, tmp_path, "--rerank", "2")
+
+
+def test_rerank_trains_the_searched_network(tmp_path, monkeypatch):
+    """The re-rank trains what was searched: main.py gets --arch (and a WRN's depth and
+    width), so a ResNet search is re-ranked as a ResNet."""
+    import main
+    seen = []
+    monkeypatch.setattr(main, "train_genotype", lambda g, folder, name, flags: seen.append(
+        flags) or 12.5)
+    args = fisher_rank.resolve(fisher_rank.get_args_parser().parse_args(
+        ["cifar10", "--arch", "resnet18", "--rerank", "1", "--device", "cpu"]))
+    row = {"index": 3, "convs": ["Conv"] * 8}
+    assert fisher_rank.train_candidate(args, row, str(tmp_path)) == 12.5
+    assert seen[0]["arch"] == "resnet18" and seen[0]["wrn_depth"] is None
+    args = fisher_rank.resolve(fisher_rank.get_args_parser().parse_args(
+        ["cifar10", "--wrn_depth", "16", "--rerank", "1", "--device", "cpu"]))
+    fisher_rank.train_candidate(args, row, str(tmp_path))
+    assert (seen[1]["arch"], seen[1]["wrn_depth"], seen[1]["wrn_width"]) == ("wrn", 16, 2)

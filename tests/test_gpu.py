@@ -12,7 +12,7 @@ import torch
 import main as M
 from conftest import ROOT, killed_in_epoch
 from funcs import fisher_scores
-from models import WideResNet
+from models import Network, WideResNet
 from test_main import base_argv, load
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -40,7 +40,7 @@ def batch(n=16, seed=1):
 def first_step(rt, compile=False):
     """(loss of the first SGD step, the network after it) of a seeded WRN-10-1 on a fixed batch."""
     torch.manual_seed(0)
-    model = rt.place(M.build_model("wrn", "Conv", 10, 10, 1), compile=compile)
+    model = rt.place(Network("wrn", 10, 1, 10).build(), compile=compile)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     loss, _ = M.train_one_epoch(model, [batch()], opt, rt.grad_scaler(), rt, M.teacher_loss_fn)
     return loss, model

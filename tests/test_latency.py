@@ -13,16 +13,20 @@ import torch
 import fisher_rank
 import latency
 from count_ops import CostTable
-from funcs import budget_window, count_genotypes, run_cli, sample_codes
-from models import UserError
+from funcs import Budget, budget_window, count_genotypes, run_cli, sample_codes
+from models import Network, UserError
 
 NAMES = ["Conv", "DConv", "ConvB2", "G8B2"]
-FAST = dict(threads=1, warmup=1, repeats=2, clock="cpu", show=False, calibration=2)
+FAST = dict(show=False, calibration=2)
+
+
+def fast_timing(batch=1):
+    return latency.Timing("cpu", batch, threads=1, clock="cpu", warmup=1, repeats=2)
 
 
 @pytest.fixture(scope="module")
 def family():
-    return latency.wrn_family(10, 1)
+    return latency.family_of(Network("wrn", 10, 1))
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +56,7 @@ def all_codes(table):
 
 
 def test_measured_table_shape_and_cache(family, tmp_path, monkeypatch):
-    t = latency.load_or_measure(family, NAMES, "cpu", 1, cache_dir=str(tmp_path), **FAST)
+    t = latency.load_or_measure(family, NAMES, fast_timing(), cache_dir=str(tmp_path), **FAST)
     assert t.ms.shape == (3, len(NAMES)) and (t.ms > 0).all() and t.fixed_ms > 0
     assert t.scale > 0 and [p for p, _ in t.parts] == ["stem", "head"]
     path = tmp_path / t.key.file_name()
@@ -62,7 +66,7 @@ def test_measured_table_shape_and_cache(family, tmp_path, monkeypatch):
     assert (df["device"] == latency.device_name(torch.device("cpu"))).all()
     # Same key: read back, not measured again, and the same numbers.
     monkeypatch.setattr(latency, "measure_table", lambda *a, **k: pytest.fail("re-measured"))
-    again = latency.load_or_measure(family, NAMES, "cpu", 1, cache_dir=str(tmp_path), **FAST)
+    again = latency.load_or_measure(family, NAMES, fast_timing(), cache_dir=str(tmp_path), **FAST)
     np.testing.assert_allclose(again.ms, t.ms)
     assert again.identity() == t.identity()
     # Another batch size, or a file whose facts differ from its name: measured afresh.
@@ -70,7 +74,7 @@ def test_measured_table_shape_and_cache(family, tmp_path, monkeypatch):
         if tamper:
             df.assign(threads=2).to_csv(path, index=False)
         with pytest.raises(pytest.fail.Exception, match="re-measured"):
-            latency.load_or_measure(family, NAMES, "cpu", 1 if tamper else 2,
+            latency.load_or_measure(family, NAMES, fast_timing(1 if tamper else 2),
                                     cache_dir=str(tmp_path), **FAST)
 
 
@@ -85,8 +89,8 @@ def test_quantised_window_matches_enumeration(family, ct, tmp_path):
     inside = q.in_window(codes, tol)
     assert 0 < inside.sum() < len(codes)
     assert (np.abs(predicted[inside] - goal) <= goal * tol + 0.01 * goal).all()
-    assert count_genotypes(ct, tol=tol, latency=q) == inside.sum()
-    drawn = sample_codes(ct, int(inside.sum()), tol=tol, latency=q, seed=2)
+    assert count_genotypes(ct, Budget(tol=tol, latency=q)) == inside.sum()
+    drawn = sample_codes(ct, int(inside.sum()), Budget(tol=tol, latency=q), seed=2)
     assert set(map(tuple, drawn)) == set(map(tuple, codes[inside]))
 
 
@@ -99,7 +103,7 @@ def test_latency_and_param_goal_sample_the_intersection(family, ct, tmp_path):
     lo, hi = budget_window(pgoal, tol)
     both = q.in_window(codes, tol) & (params >= lo) & (params <= hi)
     assert 0 < both.sum() < q.in_window(codes, tol).sum()
-    drawn = sample_codes(ct, int(both.sum()), pgoal, tol=tol, latency=q, seed=1)
+    drawn = sample_codes(ct, int(both.sum()), Budget(pgoal, tol=tol, latency=q), seed=1)
     assert set(map(tuple, drawn)) == set(map(tuple, codes[both]))
 
 
@@ -140,7 +144,7 @@ def test_search_with_latency_goal_and_resume(tiny_imagefolder, tmp_path, table_a
     assert f"lat{goal:g}ms" in s["results"] and len(df) == 4
     check_rows(df, table, goal)
     from plots import plot_search          # the search plot has a latency panel
-    png = plot_search(s["results"], str(tmp_path / "search.png"), latency_goal=goal)
+    png = plot_search(s["results"], str(tmp_path / "search.png"))   # goal from the settings
     assert os.path.getsize(png) > 0
     text = open(s["results"]).read()
     with open(s["results"], "w") as f:          # killed after two candidates
@@ -149,7 +153,8 @@ def test_search_with_latency_goal_and_resume(tiny_imagefolder, tmp_path, table_a
     assert again["n_scored"] == 2 and open(s["results"]).read() == text
     assert again["latency_ms"] == pytest.approx(table.predict(again["best_genotype"]), rel=1e-4)
     # a re-measured table is another table: resuming on it is refused
-    synthetic_table(str(tmp_path / "results" / "latency"), latency.wrn_family(10, 1), seed=5)
+    synthetic_table(str(tmp_path / "results" / "latency"), latency.family_of(Network("wrn", 10, 1)),
+                    seed=5)
     with pytest.raises(UserError, match="latency_table"):
         run(tiny_imagefolder, tmp_path, goal, "--save_file", "none")
 
@@ -187,11 +192,19 @@ def test_infeasible_latency_goal_is_one_line(tiny_imagefolder, tmp_path, table_a
 
 def test_fastest_of_passes_keeps_each_items_fastest_pass():
     """Passes run one after another over all items (a slow spell hits one pass of an item),
-    and each item keeps its minimum."""
-    calls, times = [], iter([5.0, 9.0, 7.0,  4.0, 12.0, 8.0,  6.0, 3.0, 30.0])
+    and each item keeps its minimum; an item whose two fastest passes disagree by more than
+    `agree` gets more passes (only it), until two agree or max_passes is reached."""
+    calls, times = [], iter([5.0, 9.0, 7.0,  4.1, 12.0, 7.1,  4.0, 3.0, 30.0,
+                             9.0,               # b: 3.0 and 9.0 disagree: one more pass
+                             3.05])             # b again: 3.0 and 3.05 agree
 
     def measure(item):
         calls.append(item)
         return next(times)
-    assert latency.fastest_of_passes(measure, ["a", "b", "c"], passes=3) == [4.0, 3.0, 7.0]
-    assert calls == ["a", "b", "c"] * 3
+    assert latency.fastest_of_passes(measure, ["a", "b", "c"], passes=3, agree=0.05) == \
+        [4.0, 3.0, 7.0]
+    assert calls == ["a", "b", "c"] * 3 + ["b", "b"]
+    calls.clear()
+    times = iter([1.0, 2.0, 3.0, 4.0])          # never agree: stops at max_passes
+    assert latency.fastest_of_passes(measure, ["x"], passes=2, agree=0.05, max_passes=4) == [1.0]
+    assert calls == ["x"] * 4

@@ -136,7 +136,7 @@ def test_student_loss_matches_formula(pairs, alpha):
     t_logits = torch.randn(4, 10, generator=g, dtype=torch.float64)
     y = torch.tensor([1, 5, 0, 9])
     T, beta = 4.0, 1e3
-    got = M.student_loss(logits, acts, t_logits, t_acts, y, alpha, T, beta).item()
+    got = M.student_loss((logits, acts), (t_logits, t_acts), y, alpha, T, beta).item()
 
     z, zt, yn = logits.numpy(), t_logits.numpy(), y.numpy()
     ce = -np_log_softmax(z)[np.arange(4), yn].mean()
@@ -263,3 +263,22 @@ def test_cli_subprocess_with_user_block_module(tiny_imagefolder, tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1, bad.stderr
     assert "'MyConv'" in bad.stderr
+
+
+def test_subset_seed_picks_the_same_images_for_every_training_seed(tiny_imagefolder, tmp_path):
+    """--subset_seed fixes the --train_subset/--val_subset images whatever --seed is (study.py
+    and a re-rank compare runs on the same images); without it the seed picks them."""
+    from runtime import Runtime
+
+    def images(*flags):
+        args = M.get_args_parser().parse_args(base_argv(
+            tiny_imagefolder, tmp_path, "cifar10", "teacher", "--train_subset", "8",
+            "--val_subset", "6", "--loader", "tensor", *flags))
+        train, val, _ = M.make_loaders(args, Runtime(torch.device("cpu")))
+        return train.dataset.images, val.dataset.images
+
+    a = images("--seed", "1", "--subset_seed", "7")
+    b = images("--seed", "2", "--subset_seed", "7")
+    c = images("--seed", "2")
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(b, c))

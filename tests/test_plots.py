@@ -1,5 +1,5 @@
 """Plots: each writes a PNG of the expected size; helpers (running best, Pareto front, log
-reading, goal guessing) give exact answers; the CLI writes beside its input."""
+reading, a search's settings) give exact answers; the CLI writes beside its input."""
 import json
 
 import numpy as np
@@ -44,48 +44,54 @@ def test_running_best_and_pareto_front_exact():
 def test_plot_search_writes_png(tmp_path):
     df = _search_df()
     out = tmp_path / "deep" / "folder" / "search.png"
-    assert plots.plot_search(df, str(out), param_goal=800_000) == str(out)
+    assert plots.plot_search(df, str(out), "fisher", {"param_goal": 800_000}) == str(out)
     assert _png_size(out) == ("PNG", (1560, 430))   # 3 panels of 5.2 x 4.3 in at 100 dpi
-    # no MACs column: params panel and scoring-order panel only; a 'score' column is found
-    df2 = df.drop(columns=["macs"]).rename(columns={"fisher": "score"})
-    assert _png_size(plots.plot_search(df2, str(tmp_path / "s2.png"))) == ("PNG", (1040, 430))
+    # no MACs column: params panel and scoring-order panel only
+    df2 = df.drop(columns=["macs"]).rename(columns={"fisher": "snip"})
+    assert _png_size(plots.plot_search(df2, str(tmp_path / "s2.png"), "snip")) == \
+        ("PNG", (1040, 430))
 
 
-def test_goal_guessed_from_file_name_only_when_the_data_fit(tmp_path):
-    df = _search_df()
-    path = tmp_path / "fisher_at_800000.csv"
+def test_goal_and_score_come_from_the_settings_beside_the_results(tmp_path):
+    df = _search_df().rename(columns={"fisher": "synflow"}).assign(snip=1.0)
+    path = tmp_path / "rank_at_800000.csv"
     df.to_csv(path, index=False)
-    assert plots.guess_goal(df, str(path)) == {"params": 800_000}
-    assert plots.guess_goal(df, str(tmp_path / "fisher_at_5000.csv")) == {}
-    assert plots.guess_goal(df, str(tmp_path / "results.csv")) == {}
+    with pytest.raises(plots.UserError, match="pass --score"):   # nothing names the proxy
+        plots.plot_search(str(path), str(tmp_path / "x.png"))
+    settings = {"proxy": "rank:synflow+snip", "param_goal": 800_000, "mac_goal": None,
+                "latency_goal": None, "tol": 0.05}
+    (tmp_path / "rank_at_800000.json").write_text(json.dumps(settings))
+    assert plots.search_settings(str(path)) == settings
+    assert plots.score_column(df, None, settings) == "synflow"   # the ensemble's first proxy
+    assert plots.score_column(df, "snip", settings) == "snip"    # --score wins
+    assert _png_size(plots.plot_search(str(path), str(tmp_path / "s.png")))[0] == "PNG"
+    assert plots.search_settings(str(tmp_path / "other.csv")) == {}
 
 
 def test_plot_search_bad_input_is_a_user_error(tmp_path):
     with pytest.raises(plots.UserError, match="not found"):
-        plots.plot_search(str(tmp_path / "nope.csv"), str(tmp_path / "x.png"))
-    with pytest.raises(plots.UserError, match="score column"):
-        plots.plot_search(_search_df().drop(columns=["fisher"]), str(tmp_path / "x.png"))
+        plots.plot_search(str(tmp_path / "nope.csv"), str(tmp_path / "x.png"), "fisher")
+    with pytest.raises(plots.UserError, match="no column 'fisher'"):
+        plots.plot_search(_search_df().drop(columns=["fisher"]), str(tmp_path / "x.png"),
+                          "fisher")
     assert not (tmp_path / "x.png").exists()
 
 
-def test_plot_training_csv_and_jsonl(tmp_path):
+def test_plot_training_of_a_resumed_run_killed_mid_write(tmp_path):
     log = _log_df()
     csv_path = tmp_path / "run.log.csv"
     log.to_csv(csv_path, index=False)
     out = plots.plot_training(str(csv_path), str(tmp_path / "csv.png"))
     assert _png_size(out) == ("PNG", (1500, 400))
-    # JSON lines from a resumed run (epoch 5 twice: the later row wins) killed mid-write
-    jsonl = tmp_path / "run.log.jsonl"
+    # A resumed run (epoch 5 twice: the later row wins) killed while writing epoch 13
     rows = log.to_dict("records")
-    resumed = dict(rows[4], val_error=1.5)
-    with open(jsonl, "w") as f:
-        for r in rows[:5] + [resumed] + rows[5:]:
-            f.write(json.dumps(r) + "\n")
-        f.write('{"epoch": 13, "lr": 0.0')
-    df = plots.read_log(str(jsonl))
+    resumed = pd.DataFrame(rows[:5] + [dict(rows[4], val_error=1.5)] + rows[5:])
+    text = resumed.to_csv(index=False) + "13,0.0"
+    csv_path.write_text(text)
+    df = plots.read_log(str(csv_path))
     assert df["epoch"].tolist() == list(range(1, 13))
     assert df.loc[df["epoch"] == 5, "val_error"].item() == 1.5
-    assert _png_size(plots.plot_training(str(jsonl), str(tmp_path / "j.png")))[1] == (1500, 400)
+    assert _png_size(plots.plot_training(str(csv_path), str(tmp_path / "j.png")))[1] == (1500, 400)
 
 
 def test_plot_sweep_and_study(tmp_path):
@@ -115,7 +121,8 @@ def test_plot_sweep_and_study(tmp_path):
 def test_cli_writes_beside_the_input_and_reports_errors(tmp_path, capsys):
     path = tmp_path / "fisher_at_800000.csv"
     _search_df().to_csv(path, index=False)
-    out = run_cli(plots.main, plots.get_args_parser(), ["search", str(path)])
+    out = run_cli(plots.main, plots.get_args_parser(), ["search", str(path), "--score", "fisher",
+                                                        "--param_goal", "800000"])
     assert out == str(tmp_path / "fisher_at_800000.png")
     assert _png_size(out)[0] == "PNG"
     log = tmp_path / "t.log.csv"

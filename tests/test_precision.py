@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import main as M
+import runtime
+from models import Network
 from test_main import load, run
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -15,26 +17,26 @@ from conftest import killed_in_epoch
 @pytest.mark.parametrize("native, expected", [(True, (torch.bfloat16, True)),
                                               (False, (None, False))])
 def test_cpu_auto_follows_native_bf16(monkeypatch, native, expected):
-    monkeypatch.setattr(M, "cpu_has_native_bf16", lambda: native)
-    assert M.resolve_precision(CPU, "auto") == expected
-    assert M.resolve_precision(CPU, "auto", no_channels_last=True) == (expected[0], False)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    assert runtime.resolve_precision(CPU, "auto") == expected
+    assert runtime.resolve_precision(CPU, "auto", no_channels_last=True) == (expected[0], False)
     # an explicit choice does not depend on the processor
-    assert M.resolve_precision(CPU, "bf16") == (torch.bfloat16, True)
-    assert M.resolve_precision(CPU, "fp16") == (torch.float16, False)
-    assert M.resolve_precision(CPU, "off") == (None, False)
+    assert runtime.resolve_precision(CPU, "bf16") == (torch.bfloat16, True)
+    assert runtime.resolve_precision(CPU, "fp16") == (torch.float16, False)
+    assert runtime.resolve_precision(CPU, "off") == (None, False)
 
 
 @pytest.mark.parametrize("bf16, dtype", [(True, torch.bfloat16), (False, torch.float16)])
 def test_cuda_auto_bf16_else_fp16(monkeypatch, bf16, dtype):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
-    assert M.resolve_precision(CUDA, "auto") == (dtype, True)
-    assert M.resolve_precision(CUDA, "off") == (None, True)
-    assert M.resolve_precision(CUDA, "auto", no_channels_last=True) == (dtype, False)
-    assert M.resolve_precision(torch.device("mps"), "auto") == (None, False)
+    assert runtime.resolve_precision(CUDA, "auto") == (dtype, True)
+    assert runtime.resolve_precision(CUDA, "off") == (None, True)
+    assert runtime.resolve_precision(CUDA, "auto", no_channels_last=True) == (dtype, False)
+    assert runtime.resolve_precision(torch.device("mps"), "auto") == (None, False)
 
 
 def test_no_amp_means_amp_off(monkeypatch):
-    monkeypatch.setattr(M, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
     parse = M.get_args_parser().parse_args
     rt = M.setup_runtime(parse(["cifar10", "teacher", "--device", "cpu", "--no_amp"]))
     assert (rt.amp_dtype, rt.channels_last) == (None, False)
@@ -47,7 +49,7 @@ def test_no_amp_means_amp_off(monkeypatch):
 def test_bf16_autocast_runs_convolutions_in_bf16():
     rt = M.Runtime(CPU, amp_dtype=torch.bfloat16, channels_last=True)
     torch.manual_seed(0)
-    model = rt.place(M.build_model("wrn", "Conv", 10, 10, 1))
+    model = rt.place(Network("wrn", 10, 1, 10).build())
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     with rt.autocast():
         logits, acts = model(rt.images(torch.randn(4, 3, 32, 32)))
@@ -72,7 +74,7 @@ def test_amp_run_records_precision_and_scaler(amp, tiny_imagefolder, tmp_path, c
 
 
 def test_auto_is_saved_as_what_it_chose(tiny_imagefolder, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(M, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
     run(tiny_imagefolder, tmp_path, "cifar10", "teacher", "-t", "x", "--device", "cpu", "--no-plot")
     assert "fp32, NCHW" in capsys.readouterr().out
     args = load(tmp_path / "x.t7")["args"]
@@ -101,7 +103,7 @@ def test_resume_under_bf16_equals_uninterrupted(tiny_imagefolder, tmp_path, monk
 def one_step_loss(rt, seed=0):
     """Loss and updated fc weight after one SGD step of a WRN-10-1 on a fixed batch."""
     torch.manual_seed(seed)
-    model = rt.place(M.build_model("wrn", "Conv", 10, 10, 1), compile=True)
+    model = rt.place(Network("wrn", 10, 1, 10).build(), compile=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     g = torch.Generator().manual_seed(1)
     batch = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(10, (8,), generator=g))]

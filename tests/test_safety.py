@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
+import fisher_rank
 import main as M
 import plots
 import study
@@ -162,6 +163,20 @@ def test_raised_epochs_extend_a_run_as_the_longer_run(tiny_imagefolder, runs, tm
     assert [r["lr"] for r in b["log"]] == pytest.approx([0.1, 0.075, 0.025], rel=1e-12)
 
 
+def test_a_checkpoint_without_a_log_resumes_with_its_lists(tiny_imagefolder, runs, tmp_path):
+    """An early checkpoint kept only the per-epoch lists (no `log` rows): it resumes, its rows
+    are rebuilt from the lists, and the new epoch is appended after them."""
+    ckdir, _ = runs
+    old = torch.load(ckdir / "t.t7", weights_only=True)
+    del old["log"]
+    torch.save(old, tmp_path / "t.t7")
+    train(tiny_imagefolder, tmp_path, "-t", "t", "--epochs", "2", "--resume")
+    new = torch.load(tmp_path / "t.t7", weights_only=True)
+    assert [r["epoch"] for r in new["log"]] == [1, 2]
+    assert new["val_errors"][0] == old["val_errors"][0] and len(new["val_errors"]) == 2
+    assert [r["val_error"] for r in new["log"]] == new["val_errors"]
+
+
 def test_resume_of_a_finished_run_says_so(tiny_imagefolder, runs, tmp_path, capsys):
     ckdir, _ = runs
     shutil.copy(ckdir / "t.t7", tmp_path / "t.t7")
@@ -183,6 +198,23 @@ def test_help_shows_every_default():
     assert "default: 0.1" in help_after(study.get_args_parser(), "--lr LR")
     search = plots.get_args_parser()._subparsers._group_actions[0].choices["search"]
     assert "default: None" in help_after(search, "--mac_goal MAC_GOAL")
+
+
+@pytest.mark.parametrize("flag, default", [("device", "auto"), ("workers", 2), ("tol", 0.025),
+                                           ("arch", None), ("wrn_depth", None)])
+def test_shared_flags_have_one_default_everywhere(flag, default, tiny_imagefolder):
+    """The data, network, budget and device flags are declared once (argparse parents): the
+    same default in every script that takes them (study.py sets its own smaller network)."""
+    import count_ops
+    parsers = {"main": (M.get_args_parser(), ["cifar10", "teacher"]),
+               "fisher_rank": (fisher_rank.get_args_parser(), ["cifar10"]),
+               "study": (study.get_args_parser(), ["cifar10"]),
+               "count_ops": (count_ops.get_args_parser(), [])}
+    seen = {name: getattr(p.parse_args(argv), flag, "absent")
+            for name, (p, argv) in parsers.items()}
+    if flag == "wrn_depth":
+        assert seen.pop("study") == 16
+    assert set(seen.values()) - {"absent"} == {default}, seen
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from count_ops import CostTable, count_params
-from funcs import budget_window, count_genotypes, sample_codes, sample_genotypes
+from funcs import Budget, budget_window, count_genotypes, sample_codes, sample_genotypes
 from models import UserError, WideResNet
 
 
@@ -49,8 +49,8 @@ def test_counts_and_support_equal_enumeration(quantile):
     codes, params, _ = enumerate_all(table)
     goal = int(np.quantile(params, quantile))
     inside = in_window(params, goal, 0.05)
-    assert count_genotypes(table, goal, tol=0.05) == inside.sum()
-    drawn = sample_codes(table, int(inside.sum()), goal, tol=0.05, seed=3)
+    assert count_genotypes(table, Budget(goal, tol=0.05)) == inside.sum()
+    drawn = sample_codes(table, int(inside.sum()), Budget(goal, tol=0.05), seed=3)
     assert set(map(tuple, drawn)) == set(map(tuple, codes[inside]))   # all of them, no more
 
 
@@ -60,7 +60,7 @@ def test_draws_are_uniform_within_window():
     goal = int(np.median(params))
     inside = in_window(params, goal, 0.05)
     n = 200 * int(inside.sum())
-    drawn = sample_codes(table, n, goal, tol=0.05, seed=0, distinct=False)
+    drawn = sample_codes(table, n, Budget(goal, tol=0.05), seed=0, distinct=False)
     counts = np.array(list(Counter(map(tuple, drawn)).values()))
     assert len(counts) == inside.sum()
     expected = n / inside.sum()
@@ -75,16 +75,16 @@ def test_both_goals_sample_the_intersection():
     pgoal, mgoal = int(np.median(params)), int(np.median(macs))
     both = in_window(params, pgoal, 0.1) & in_window(macs, mgoal, 0.1)
     assert 0 < both.sum() < in_window(params, pgoal, 0.1).sum()
-    drawn = sample_codes(table, int(both.sum()), pgoal, mgoal, tol=0.1, seed=5)
+    drawn = sample_codes(table, int(both.sum()), Budget(pgoal, mgoal, tol=0.1), seed=5)
     assert set(map(tuple, drawn)) == set(map(tuple, codes[both]))
 
 
 def test_prefix_stable_distinct_and_seeded():
     table = toy_table(6, 6)
-    a = sample_codes(table, 60, 1000, tol=0.1, seed=7)
+    a = sample_codes(table, 60, Budget(1000, tol=0.1), seed=7)
     assert len(set(map(tuple, a))) == 60
-    np.testing.assert_array_equal(sample_codes(table, 25, 1000, tol=0.1, seed=7), a[:25])
-    assert not np.array_equal(sample_codes(table, 25, 1000, tol=0.1, seed=8), a[:25])
+    np.testing.assert_array_equal(sample_codes(table, 25, Budget(1000, tol=0.1), seed=7), a[:25])
+    assert not np.array_equal(sample_codes(table, 25, Budget(1000, tol=0.1), seed=8), a[:25])
 
 
 def test_too_few_distinct_is_an_error():
@@ -93,12 +93,12 @@ def test_too_few_distinct_is_an_error():
     goal = int(np.median(params))
     n = int(in_window(params, goal, 0.05).sum())
     with pytest.raises(UserError, match=f"only {n} distinct genotypes"):
-        sample_codes(table, n + 1, goal, tol=0.05)
+        sample_codes(table, n + 1, Budget(goal, tol=0.05))
 
 
 @pytest.mark.parametrize("goal", [162_000, 800_000, 1_600_000])
 def test_wrn40_samples_stay_in_window(wrn40, goal):
-    genotypes = sample_genotypes(wrn40, 300, param_goal=goal, seed=1)
+    genotypes = sample_genotypes(wrn40, 300, Budget(param_goal=goal), seed=1)
     params, macs = wrn40.cost_many(np.stack([wrn40.encode(g) for g in genotypes]))
     lo, hi = budget_window(goal)
     assert params.min() >= lo and params.max() <= hi
@@ -113,17 +113,17 @@ def test_wrn40_extremes_are_exact(wrn40):
         best = pick(wrn40.params, axis=1)
         goal = int(wrn40.base_params + best.sum())
         ties = int(np.prod((wrn40.params == best[:, None]).sum(1)))
-        assert count_genotypes(wrn40, goal, tol=0.0) == ties
-        g = sample_genotypes(wrn40, ties, goal, tol=0.0)
+        assert count_genotypes(wrn40, Budget(goal, tol=0.0)) == ties
+        g = sample_genotypes(wrn40, ties, Budget(goal, tol=0.0))
         assert all(wrn40.cost(x)[0] == goal for x in g)
     # the 2.5% window at the smallest network: every draw in it
     smallest = int(wrn40.base_params + wrn40.params.min(1).sum())
-    g = sample_genotypes(wrn40, 200, smallest)
+    g = sample_genotypes(wrn40, 200, Budget(smallest))
     assert min(wrn40.cost(x)[0] for x in g) >= budget_window(smallest)[0]
 
 
 def test_wrn40_mac_goal_and_both(wrn40):
-    g = sample_genotypes(wrn40, 100, param_goal=800_000, mac_goal=100_000_000, seed=2)
+    g = sample_genotypes(wrn40, 100, Budget(800_000, 100_000_000), seed=2)
     params, macs = wrn40.cost_many(np.stack([wrn40.encode(x) for x in g]))
     assert params.min() >= 780_000 and params.max() <= 820_000
     assert macs.min() >= 97_500_000 and macs.max() <= 102_500_000
@@ -132,9 +132,9 @@ def test_wrn40_mac_goal_and_both(wrn40):
 def test_infeasible_budget_states_the_range(wrn40):
     lo = int(wrn40.base_params + wrn40.params.min(1).sum())
     with pytest.raises(UserError, match=f"range from {lo:,} to .* the goal must lie between"):
-        sample_genotypes(wrn40, 10, param_goal=10_000)
+        sample_genotypes(wrn40, 10, Budget(param_goal=10_000))
     with pytest.raises(UserError, match="MACs"):
-        sample_genotypes(wrn40, 10, mac_goal=10 ** 12)
+        sample_genotypes(wrn40, 10, Budget(mac_goal=10 ** 12))
 
 
 def test_no_goal_is_uniform_over_everything(wrn40):

@@ -14,7 +14,7 @@ import pytest
 
 import count_ops
 import fisher_rank
-from funcs import load_genotype, run_cli
+from funcs import Budget, load_genotype, run_cli
 from models import UserError
 from test_fisher_rank_cli import GOAL, argv, cached_cost_tables  # noqa: F401 (autouse fixture)
 
@@ -189,7 +189,7 @@ def test_candidate_source_is_printed(tiny_imagefolder, tmp_path, monkeypatch, ca
     _, source = fisher_rank.get_candidates(args, table)
     assert source == "sampled" and "skipped, written for another network" in \
         capsys.readouterr().out
-    fits = fisher_rank.sample_genotypes(table, 3, GOAL, None, 0.3, seed=5)
+    fits = fisher_rank.sample_genotypes(table, 3, Budget(GOAL, None, 0.3), seed=5)
     write_archs(tmp_path / "archs" / "master_arch.csv", [OUT_OF_BUDGET, *fits])
     genotypes, source = fisher_rank.get_candidates(args, table)
     data = (tmp_path / "archs" / "master_arch.csv").read_bytes()
@@ -204,7 +204,7 @@ def test_settings_record_the_archs_hash_not_its_path(tiny_imagefolder, tmp_path)
     a = write_archs(tmp_path / "a.csv", fisher_rank.sample_genotypes(
         fisher_rank.cost_table(fisher_rank.resolve(fisher_rank.get_args_parser().parse_args(
             argv(tiny_imagefolder, tmp_path))), 10, list(fisher_rank.SEARCH_SPACE)),
-        2, GOAL, None, 0.3, seed=3))
+        2, Budget(GOAL, None, 0.3), seed=3))
     s = run(tiny_imagefolder, tmp_path, "--samples", "1", "--save_file", a, "--no-plot")
     text = open(s["results"][:-4] + ".json").read()
     digest = hashlib.sha256(open(a, "rb").read()).hexdigest()

@@ -1,0 +1,139 @@
+"""Network families by name: the one table every script builds networks and cost tables from.
+
+An entry says how to build a network of the family from a genotype, where its residual blocks
+sit (each block's channels, stride and input size: what the cost and latency tables price), its
+input size, its default class count and the data sets it is the default for. Adding a family is
+one `register_arch` call; `--arch` offers every registered name.
+
+    net = Network("wrn", depth=16, width=2, num_classes=10)
+    model = net.build(["Conv", "DConvA4", ...])      # or one block name: a uniform network
+    net.slots()                                       # [BlockSlot(16, 32, 1, 32), ...]
+"""
+import argparse
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch.nn as nn
+
+from models.blocks import BlockSlot, UserError
+from models.resnet import LAYERS, ResNet, resnet_slots
+from models.wide_resnet import WideResNet, wrn_slots
+
+WRN_DEPTH, WRN_WIDTH = 40, 2      # the default WRN: the paper's CIFAR teacher
+
+
+@dataclass(frozen=True)
+class Family:
+    """A network family.
+
+    build(convs, num_classes, depth, width) -> network; slots(depth, width, image_size) ->
+    its residual blocks in genotype order. depth and width mean something only when `sized`
+    (WRN-depth-width); the other families ignore them."""
+    build: Callable[[object, int, int, int], nn.Module]
+    slots: Callable[[int, int, int], List[BlockSlot]]
+    image_size: int
+    num_classes: int
+    datasets: Tuple[str, ...] = ()     # data sets whose default family this is
+    sized: bool = False
+
+
+def _resnet(name: str, datasets=()) -> Family:
+    layers = LAYERS[name]
+    return Family(lambda convs, classes, depth, width: ResNet(layers, convs, classes),
+                  lambda depth, width, size: resnet_slots(layers, size), 224, 1000, datasets)
+
+
+ARCHS: Dict[str, Family] = {
+    "wrn": Family(lambda convs, classes, depth, width: WideResNet(depth, width, convs, classes),
+                  wrn_slots, 32, 10, ("cifar10", "cifar100"), sized=True),
+    "resnet18": _resnet("resnet18"),
+    "resnet34": _resnet("resnet34", ("imagenet",)),
+}
+
+
+def register_arch(name: str, family: Family) -> None:
+    """Add a network family; `--arch name` then builds, prices and times it."""
+    ARCHS[name] = family
+
+
+def get_family(name: str) -> Family:
+    try:
+        return ARCHS[name]
+    except KeyError:
+        raise UserError(f"unknown architecture {name!r}; expected one of "
+                        f"{', '.join(ARCHS)}") from None
+
+
+def default_arch(dataset: str) -> str:
+    """The family of a data set when none is named (ResNet-34 on ImageNet, WRN on CIFAR)."""
+    return next((name for name, f in ARCHS.items() if dataset in f.datasets), "wrn")
+
+
+@dataclass(frozen=True)
+class Network:
+    """Which network: a registered family and, for WRN, its depth and width. num_classes None:
+    the family's default (10 for WRN, 1000 for the ResNets)."""
+    arch: str = "wrn"
+    depth: Optional[int] = WRN_DEPTH
+    width: Optional[int] = WRN_WIDTH
+    num_classes: Optional[int] = None
+
+    @property
+    def family(self) -> Family:
+        return get_family(self.arch)
+
+    @property
+    def classes(self) -> int:
+        return self.num_classes or self.family.num_classes
+
+    @property
+    def image_size(self) -> int:
+        return self.family.image_size
+
+    @property
+    def name(self) -> str:
+        """'WRN-40-2' or the family name."""
+        return f"WRN-{self.depth}-{self.width}" if self.family.sized else self.arch
+
+    def build(self, convs="Conv") -> nn.Module:
+        """The network with `convs` (a genotype, or one block name for a uniform network)."""
+        return self.family.build(convs, self.classes, self.depth, self.width)
+
+    def slots(self) -> List[BlockSlot]:
+        return self.family.slots(self.depth, self.width, self.image_size)
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "Network":
+        """The Network a built model is (what a checkpoint records)."""
+        if isinstance(model, WideResNet):
+            return cls("wrn", model.depth, model.widen_factor, model.num_classes)
+        arch = next(k for k, v in LAYERS.items() if tuple(v) == model.layers)
+        return cls(arch, None, None, model.num_classes)
+
+    @classmethod
+    def from_args(cls, args, num_classes: Optional[int] = None) -> "Network":
+        """The network that --arch/--wrn_depth/--wrn_width name (see network_args)."""
+        arch = getattr(args, "arch", None) or default_arch(getattr(args, "dataset", ""))
+        if not get_family(arch).sized:
+            return cls(arch, None, None, num_classes)
+        depth = WRN_DEPTH if args.wrn_depth is None else args.wrn_depth
+        width = WRN_WIDTH if args.wrn_width is None else args.wrn_width
+        if width < 1:
+            raise UserError(f"--wrn_width must be at least 1, got {width}")
+        return cls(arch, depth, width, num_classes)
+
+
+def network_args() -> argparse.ArgumentParser:
+    """The network flags every script shares (an argparse parent): --arch, --wrn_depth,
+    --wrn_width, --module."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("network")
+    g.add_argument("--arch", default=None, choices=list(ARCHS),
+                   help="network family (default: wrn on CIFAR, resnet34 on imagenet)")
+    g.add_argument("--wrn_depth", default=None, type=int,
+                   help=f"WRN depth, 6n+4 (default {WRN_DEPTH}; a student: its teacher's)")
+    g.add_argument("--wrn_width", default=None, type=int,
+                   help=f"WRN width factor (default {WRN_WIDTH}; a student: its teacher's)")
+    g.add_argument("--module", default=None,
+                   help="Python file that calls register_block() to add block types")
+    return p

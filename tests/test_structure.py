@@ -1,0 +1,113 @@
+"""The project's shape (docs/DESIGN.md): the modules import each other without a circle, and
+no function takes more than 7 parameters or runs longer than 60 lines unless its docstring
+says why ("Why wide:" / "Why long:"). Read with ast, so nothing is imported or run."""
+import ast
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_PARAMS, MAX_LINES = 7, 60
+
+
+def project_modules(root=ROOT):
+    """{module name: path} of the top-level scripts and the models package."""
+    mods = {f[:-3]: os.path.join(root, f) for f in os.listdir(root) if f.endswith(".py")}
+    for f in os.listdir(os.path.join(root, "models")):
+        if f.endswith(".py"):
+            name = "models" if f == "__init__.py" else f"models.{f[:-3]}"
+            mods[name] = os.path.join(root, "models", f)
+    return mods
+
+
+def imports_of(path, mods):
+    """The project modules a file imports, at any depth (lazy imports in functions too)."""
+    deps = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            while name and name not in mods:
+                name = name.rpartition(".")[0]
+            if name:
+                deps.add(name)
+    return deps
+
+
+def import_graph(root=ROOT):
+    mods = project_modules(root)
+    return {m: sorted(imports_of(p, mods) - {m}) for m, p in mods.items()}
+
+
+def find_cycle(graph):
+    """One import circle as a list of modules (first == last), or None."""
+    state = {}
+
+    def visit(m, path):
+        state[m] = "open"
+        for d in graph.get(m, []):
+            if state.get(d) == "open":
+                return path[path.index(d):] + [d]
+            if d not in state:
+                found = visit(d, path + [d])
+                if found:
+                    return found
+        state[m] = "done"
+        return None
+
+    for m in sorted(graph):
+        if m not in state:
+            found = visit(m, [m])
+            if found:
+                return found
+    return None
+
+
+def functions(root=ROOT):
+    """(qualified name, parameter count, body lines, docstring) of every function."""
+    out = []
+    for mod, path in project_modules(root).items():
+        for node in ast.walk(ast.parse(open(path).read())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            a = node.args
+            params = [*a.posonlyargs, *a.args, *a.kwonlyargs]
+            n = len(params) + bool(a.vararg) + bool(a.kwarg)
+            n -= bool(params) and params[0].arg in ("self", "cls")
+            doc = ast.get_docstring(node) or ""
+            body = node.body[1:] if doc and len(node.body) > 1 else node.body
+            out.append((f"{mod}.{node.name}", n, node.end_lineno - body[0].lineno + 1, doc))
+    return out
+
+
+def test_the_import_graph_has_no_circle():
+    graph = import_graph()
+    assert {"main", "fisher_rank", "funcs", "count_ops", "models"} <= set(graph)
+    assert find_cycle(graph) is None, f"import circle: {' -> '.join(find_cycle(graph))}"
+
+
+def test_the_cycle_finder_finds_circles():
+    assert find_cycle({"a": ["b"], "b": ["c"], "c": ["a"]}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": ["b", "c"], "b": ["c"], "c": []}) is None
+
+
+def test_imports_are_read_at_any_depth(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "__init__.py").write_text("")
+    (tmp_path / "models" / "blocks.py").write_text("import os\n")
+    (tmp_path / "a.py").write_text("def f():\n    from b import g\n    import models.blocks\n")
+    (tmp_path / "b.py").write_text("from a import f\n")
+    graph = import_graph(str(tmp_path))
+    assert graph["a"] == ["b", "models.blocks"] and graph["b"] == ["a"]
+    assert find_cycle(graph) == ["a", "b", "a"]
+
+
+@pytest.mark.parametrize("limit, what, reason", [(MAX_PARAMS, 1, "Why wide:"),
+                                                 (MAX_LINES, 2, "Why long:")])
+def test_functions_are_narrow_and_short_or_say_why(limit, what, reason):
+    over = [f"{f[0]} ({f[what]})" for f in functions() if f[what] > limit and reason not in f[3]]
+    assert not over, f"over {limit} without '{reason}' in the docstring: {', '.join(over)}"
