@@ -65,14 +65,25 @@ def measure_sets(family, table, sets, args, batch, repeats):
 
     def measure(job):
         done.append(1)
-        print(f"\r  batch {batch}: {len(done)}/{PASSES * len(jobs)} timings", end="", flush=True)
+        print(f"\r  batch {batch}: {len(done)} timings ({PASSES * len(jobs)} planned, more for "
+              "items whose passes disagree)", end="", flush=True)
         return measure_network_ms(family.build(job[1]), family.image_size, Timing(
             args.device, batch, args.threads, args.clock, warmup=2, repeats=repeats))
     measured = fastest_of_passes(measure, jobs)   # as the table's items: the fastest pass
     print()
     return [{"batch": batch, "set": name, "measured_ms": ms, "predicted_ms": table.predict(g),
-             "summed_ms": table.predict(g) / table.scale, "genotype": format_convs(g)}
-            for (name, g), ms in zip(jobs, measured)]
+             "summed_ms": table.predict(g) / table.scale, **group_sums(family, table, g),
+             "genotype": format_convs(g)} for (name, g), ms in zip(jobs, measured)]
+
+
+def group_sums(family, table, genotype) -> dict:
+    """The plain sum split by part: fixed parts, then the blocks of each group (positions of
+    one output width), for studying where the prediction misses."""
+    out = {"fixed_ms": table.fixed_ms / table.scale}
+    for i, (slot, name) in enumerate(zip(family.slots, genotype)):
+        key = f"group{slot.out_planes}_ms"
+        out[key] = out.get(key, 0.0) + float(table.raw_ms[i, table.index[name]])
+    return out
 
 
 def report(df):
@@ -83,6 +94,26 @@ def report(df):
             print(f"batch {batch:>3} {name:>7} {label}: n {e['n']}, |rel. error| median "
                   f"{e['median']:.1%}, p90 {e['p90']:.1%}, within +-10% {e['within10']:.0%}, "
                   f"median predicted/measured {bias:.3f}")
+    for batch, d in df.groupby("batch"):
+        group_model_check(d, batch)
+
+
+def group_model_check(d, batch):
+    """Would one scale per group (and one for the fixed parts) predict better than one scale
+    for the whole sum? Fitted (least squares on relative error) on one set of networks,
+    tested on the other, both ways: an out-of-sample check of that model, printed only."""
+    cols = ["fixed_ms"] + sorted((c for c in d.columns if c.startswith("group")),
+                                 key=lambda c: int(c[5:-3]))
+    for fit, test in (("uniform", "window"), ("window", "uniform")):
+        a, b = d[d["set"] == fit], d[d["set"] == test]
+        if len(a) < len(cols) or b.empty:
+            continue
+        x = a[cols].to_numpy() / a[["measured_ms"]].to_numpy()
+        coef, *_ = np.linalg.lstsq(x, np.ones(len(a)), rcond=None)
+        e = summarise_errors(b[cols].to_numpy() @ coef, b["measured_ms"])
+        print(f"batch {batch:>3} {test:>7} per-group scales fitted on {fit}: |rel. error| "
+              f"median {e['median']:.1%}, p90 {e['p90']:.1%}, within +-10% {e['within10']:.0%}"
+              f" (scales {', '.join(f'{c:.2f}' for c in coef)})")
 
 
 def plot(df, out):
