@@ -528,11 +528,16 @@ def candidate_row(search: Search, i: int, scores: dict) -> dict:
             **latency_row(search.table, genotype)}
 
 
-def genotype_path(args, row):
-    """genotypes/<goal>_<index>.csv as the original; other proxies prefix their name, so a
+def genotype_stem(args) -> str:
+    """'<goal>_' as the original names genotype files; other proxies prefix their name, so a
     comparison run never overwrites the Fisher search's files."""
     prefix = "" if args.proxy == "fisher" else f"{ProxySpec(args.proxy).label}_"
-    return os.path.join(args.genotype_dir, f"{prefix}{goal_label(args)}_{row['index']}.csv")
+    return f"{prefix}{goal_label(args)}_"
+
+
+def genotype_path(args, row):
+    """genotypes/<goal>_<index>.csv (see genotype_stem)."""
+    return os.path.join(args.genotype_dir, f"{genotype_stem(args)}{row['index']}.csv")
 
 
 def save_best(args, row, paths: SearchPaths):
@@ -546,8 +551,7 @@ def genotype_files(args):
     """{index: path} of the genotype files of this proxy and goal in --genotype_dir."""
     if not os.path.isdir(args.genotype_dir):
         return {}
-    pattern = re.compile(re.escape(os.path.basename(genotype_path(args, {"index": 0}))[:-5])
-                         + r"(\d+)\.csv")
+    pattern = re.compile(re.escape(genotype_stem(args)) + r"(\d+)\.csv")
     return {int(m.group(1)): os.path.join(args.genotype_dir, m.group(0))
             for m in map(pattern.fullmatch, sorted(os.listdir(args.genotype_dir))) if m}
 
@@ -786,8 +790,7 @@ def rerank(args, rows, paths: SearchPaths):
         writer.close()
     trained = [done[r["index"]] for r in top]
     best = min(trained, key=lambda r: (r["val_error"], r["index"]))
-    prefix = "" if args.proxy == "fisher" else f"{spec.label}_"
-    geno = os.path.join(args.genotype_dir, f"{prefix}{goal_label(args)}_rerank_{best['index']}.csv")
+    geno = os.path.join(args.genotype_dir, f"{genotype_stem(args)}rerank_{best['index']}.csv")
     save_genotype(geno, best["convs"], best["score"], best["index"])
     print(f"re-rank of the top {len(top)} after {args.rerank_epochs} epochs: #{best['index']} "
           f"val error {best['val_error']:.2f}% (proxy's #1: #{top[0]['index']}, "

@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
-import math
 import os
 import platform
 import re
@@ -260,7 +259,7 @@ class LatencyTable:
         return hashlib.sha1(text.encode()).hexdigest()[:10]
 
     def identity(self) -> str:
-        return f"{self.key.file_name()[:-4]}@{self.digest()}"
+        return f"{os.path.splitext(self.key.file_name())[0]}@{self.digest()}"
 
     def range_ms(self):
         return (self.fixed_ms + self.ms.min(1).sum(), self.fixed_ms + self.ms.max(1).sum())

@@ -381,7 +381,7 @@ def collect_sweep(checkpoint_dir: str) -> pd.DataFrame:
         else:
             method = "blockswap" if run_args.get("from_genotype") else "moonshine"
         params = count_state_params(ckpt["net"])
-        rows.append({"name": name[:-3], "params": params, "error": ckpt["val_errors"][-1],
+        rows.append({"name": os.path.splitext(name)[0], "params": params, "error": ckpt["val_errors"][-1],
                      "epochs": ckpt["epoch"], "method": method,
                      "finished": ckpt["epoch"] >= run_args.get("epochs", ckpt["epoch"])})
     if not rows:
