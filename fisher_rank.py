@@ -124,7 +124,10 @@ def resolve(args):
     if not args.generate_random and args.param_goal is None and args.mac_goal is None \
             and args.latency_goal is None:
         args.param_goal = DEFAULT_PARAM_GOAL
-    args.device = str(pick_device(args.device))
+    # "auto" becomes a device type (cuda, mps, cpu), validated; a plain "cuda" stays plain so
+    # that each torchrun process takes its own GPU (runtime.start_runtime)
+    device = pick_device(args.device)
+    args.device = device.type if args.device in (None, "auto") else args.device
     for name in ("samples", "batch_size", "minibatches", "top_n"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
