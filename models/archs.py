@@ -27,12 +27,15 @@ class Family:
     """A network family.
 
     build(convs, num_classes, depth, width) -> network; slots(depth, width, image_size) ->
-    its residual blocks in genotype order. depth and width mean something only when `sized`
-    (WRN-depth-width); the other families ignore them."""
+    its residual blocks in genotype order; is_member(model): whether a built network is of
+    this family (how a checkpoint's network is named). depth and width mean something only
+    when `sized` (WRN-depth-width, read back from model.depth and model.widen_factor); the
+    other families ignore them."""
     build: Callable[[object, int, int, int], nn.Module]
     slots: Callable[[int, int, int], List[BlockSlot]]
     image_size: int
     num_classes: int
+    is_member: Callable[[nn.Module], bool]
     datasets: Tuple[str, ...] = ()     # data sets whose default family this is
     sized: bool = False
 
@@ -40,12 +43,15 @@ class Family:
 def _resnet(name: str, datasets=()) -> Family:
     layers = LAYERS[name]
     return Family(lambda convs, classes, depth, width: ResNet(layers, convs, classes),
-                  lambda depth, width, size: resnet_slots(layers, size), 224, 1000, datasets)
+                  lambda depth, width, size: resnet_slots(layers, size), 224, 1000,
+                  lambda m: isinstance(m, ResNet) and tuple(m.layers) == tuple(layers),
+                  datasets)
 
 
 ARCHS: Dict[str, Family] = {
     "wrn": Family(lambda convs, classes, depth, width: WideResNet(depth, width, convs, classes),
-                  wrn_slots, 32, 10, ("cifar10", "cifar100"), sized=True),
+                  wrn_slots, 32, 10, lambda m: isinstance(m, WideResNet), ("cifar10", "cifar100"),
+                  sized=True),
     "resnet18": _resnet("resnet18"),
     "resnet34": _resnet("resnet34", ("imagenet",)),
 }
@@ -104,10 +110,14 @@ class Network:
 
     @classmethod
     def of(cls, model: nn.Module) -> "Network":
-        """The Network a built model is (what a checkpoint records)."""
-        if isinstance(model, WideResNet):
-            return cls("wrn", model.depth, model.widen_factor, model.num_classes)
-        arch = next(k for k, v in LAYERS.items() if tuple(v) == model.layers)
+        """The Network a built model is (what a checkpoint records): the first registered
+        family that claims it."""
+        arch = next((name for name, f in ARCHS.items() if f.is_member(model)), None)
+        if arch is None:
+            raise UserError(f"{type(model).__name__} is not a network of any registered "
+                            f"family ({', '.join(ARCHS)})")
+        if ARCHS[arch].sized:
+            return cls(arch, model.depth, model.widen_factor, model.num_classes)
         return cls(arch, None, None, model.num_classes)
 
     @classmethod

@@ -216,3 +216,31 @@ def test_register_user_block_from_module(tmp_path):
         TABLE.pop("TestShift1x1", None)
     with pytest.raises(UserError, match="no such file"):
         load_block_module(str(tmp_path / "missing.py"))
+
+
+def test_a_registered_family_is_built_priced_and_named_back():
+    """Adding a network family is one register_arch entry: it builds, its cost table equals
+    its built networks, and a built network (a checkpoint's) is named back to it."""
+    from funcs import arch_info, model_from_checkpoint
+    from models import ARCHS, Family, Network, register_arch
+    from models.resnet import resnet_slots
+    layers = (1, 1, 1, 1)
+    register_arch("resnet1111", Family(
+        lambda convs, classes, depth, width: ResNet(layers, convs, classes),
+        lambda depth, width, size: resnet_slots(layers, size), 64, 7,
+        lambda m: isinstance(m, ResNet) and tuple(m.layers) == layers))
+    try:
+        net = Network("resnet1111", None, None)
+        genotype = ["Conv", "DConvA4", "G8B2", "ConvB2"]
+        model = net.build(genotype)
+        assert len(net.slots()) == 4 and model.fc.out_features == 7
+        table = CostTable.for_network(net, names=sorted(set(genotype)))
+        assert table.cost(genotype) == tuple(reversed(measure_model(model, 64, 64)))
+        assert Network.of(model) == Network("resnet1111", None, None, 7)
+        ckpt = {"net": model.state_dict(), **arch_info(model)}
+        assert ckpt["arch"] == "resnet1111"
+        assert model_from_checkpoint(ckpt, "x.t7").genotype == genotype
+        with pytest.raises(UserError, match="not a network of any registered family"):
+            Network.of(nn.Linear(2, 2))
+    finally:
+        ARCHS.pop("resnet1111", None)
