@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.transforms import Bbox
 from matplotlib.ticker import FuncFormatter
 
-from funcs import HelpFormatter, atomic_write, load_checkpoint, run_cli
+from funcs import Budget, HelpFormatter, atomic_write, load_checkpoint, run_cli
 from models.blocks import UserError, count_state_params
 from proxies import PROXIES, ProxySpec, spearman
 
@@ -164,7 +164,7 @@ def plot_search(results, out_png: str, score: Optional[str] = None,
     bests = running_best(df[col])
     best = df.iloc[bests[-1]]
     label = df["index"] if "index" in df.columns else pd.Series(df.index)
-    tol = goals.get("tol") or 0.025
+    tol = goals.get("tol") or Budget().tol    # the budget flags' default
     xs = [(x, xlabel, goals.get(goal)) for x, xlabel, goal in SEARCH_AXES if x in df.columns]
     fig, axes = new_figure(len(xs) + 1, panel=(5.2, 4.3))
     for ax, (x, xlabel, goal) in zip(axes, xs):
