@@ -17,8 +17,9 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from funcs import HelpFormatter, load_genotype, run_cli
-from latency import add_latency_args, print_latency
+from cli import HelpFormatter, run_cli
+from files import load_genotype
+from latency import add_latency_args, print_latency, timing_from_args
 from models.archs import Network, network_args
 # count_params lives with the networks; it is imported here for users who take it from here.
 from models.blocks import (SEARCH_SPACE, BlockSlot, UserError, count_params, get_block_type,
@@ -167,6 +168,8 @@ def main(args):
     if args.num_classes is not None and args.num_classes < 1:
         raise UserError(f"--num_classes must be at least 1, got {args.num_classes}")
     net = Network.from_args(args, args.num_classes)
+    if args.latency:
+        timing_from_args(args)   # a bad --latency_device etc., before any work
     if args.module:
         load_block_module(args.module)
     model = net.build(load_genotype(args.genotype) if args.genotype else args.conv)

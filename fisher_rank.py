@@ -7,60 +7,35 @@ potential after one minibatch at random initialisation, keep the best.
     python fisher_rank.py cifar10 --data_loc=../cifar10 --param_goal 800000 --samples 1000
     # the same, sharded over 4 processes (each scores every 4th candidate, rank 0 merges)
     torchrun --standalone --nproc_per_node 4 fisher_rank.py cifar10 --data_loc=../cifar10 ...
+    # then train the top 50 briefly and rank them by validation error, 8 at a time
+    python fisher_rank.py cifar10 --data_loc=../cifar10 ... --rerank 50 --launcher local --jobs 8
 
-Every scored candidate is appended (and flushed) to results/<proxy>_at_<goal>.csv; re-running
-the same command resumes where it stopped. The best is always in
-results/<proxy>_at_<goal>_best.csv; each new best and, at the end, the top --top_n are also
-written to genotypes/<goal>_<index>.csv with their rank (a file of another search is never
-overwritten).
-
-Candidates: the rows of the archs file (--save_file, default archs/master_arch.csv) that meet the
-budget, when it has at least --samples of them; else exact samples. Every search prints which.
+This script parses flags and calls the library: search.py (candidates, scoring, the results
+store, genotype files), engine.py (the re-rank's trainings) and funcs.py (sampling).
 """
 import argparse
-import copy
-import csv
-import glob
-import hashlib
-import io
-import json
+import contextlib
 import os
-import re
-import time
-from dataclasses import dataclass
-from typing import List
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.distributed as dist
-from tqdm import tqdm
 
-from count_ops import CostTable
-from funcs import (NUM_CLASSES, Budget, HelpFormatter, atomic_write, budget_args, budget_window,
-                   check_writable, count_genotypes, dataset_identity, format_convs,
-                   get_datasets, load_genotype, parse_convs, pid_lock, run_cli,
-                   sample_genotypes, save_genotype)
-from loaders import (Augment, TensorImages, augmented_batches, choose_loader, data_args,
-                     tensor_images)
-from latency import add_latency_args, family_of, load_or_measure, timing_from_args
-from models import (BLOCK_TYPES, SEARCH_SPACE, Network, UserError,
-                    load_block_module, network_args)
-
-from proxies import PROXIES, ProxySpec, finite, get_proxy
-from runtime import Runtime, device_args, distributed_teardown, pick_device, start_runtime
+from cli import HelpFormatter, at_least, positive, progress, run_cli
+from engine import TrainConfig, candidate_config, train_candidate
+from files import atomic_write, check_writable, format_convs, pid_lock, save_genotype
+from funcs import Budget, budget_args, sample_genotypes
+from jobs import Job, launch_settings, launcher_args, run_jobs
+from latency import add_latency_args, timing_from_args
+from loaders import NUM_CLASSES, data_args, get_datasets
+from models import Network, UserError, network_args
+from proxies import PROXIES, proxy_arg, proxy_spec
+from runtime import AMP_CHOICES, device_args, distributed_teardown, pick_device, start_runtime
+from search import (DEFAULT_ARCHS, ResultsWriter, Search, SearchPaths, check_genotype_files,
+                    check_settings, cost_table, genotype_stem, get_candidates, latency_row,
+                    rank_rows, read_rows, run_search, search_settings, search_space,
+                    training_images, with_latency)
 
 DEFAULT_PARAM_GOAL = 800_000   # the original's default when no goal is given
-DEFAULT_ARCHS = "archs/master_arch.csv"   # --generate_random's file; used when it fits
-
-
-def proxy_arg(text: str) -> str:
-    """argparse type of --proxy: checks names and ensembles at parse time (ProxySpec)."""
-    try:
-        ProxySpec(text)
-    except UserError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
 
 
 def get_args_parser():
@@ -68,21 +43,21 @@ def get_args_parser():
                                             "Fisher potential at initialisation.",
                                 formatter_class=HelpFormatter,
                                 parents=[data_args(), network_args(), budget_args(),
-                                         device_args()])
-    p.add_argument("--latency_goal", default=None, type=float,
+                                         device_args(), launcher_args()])
+    p.add_argument("--latency_goal", default=None, type=positive(),
                    help="predicted inference latency budget in ms (may join params/MACs)")
     add_latency_args(p)
-    p.add_argument("--samples", default=1000, type=int, help="candidates to score / generate")
+    p.add_argument("--samples", default=1000, type=at_least(1), help="candidates to score / generate")
     p.add_argument("--seed", default=0, type=int, help="sampling, minibatch and init seed")
-    p.add_argument("--batch_size", default=128, type=int, help="images per scoring minibatch")
-    p.add_argument("--minibatches", default=1, type=int, help="scores summed over this many")
+    p.add_argument("--batch_size", default=128, type=at_least(1), help="images per scoring minibatch")
+    p.add_argument("--minibatches", default=1, type=at_least(1), help="scores summed over this many")
     p.add_argument("--resample_batch", action="store_true",
                    help="a different minibatch per candidate (off: one shared, fair)")
     p.add_argument("--proxy", default="fisher", type=proxy_arg,
                    help="scoring function (proxies.py; higher is better): "
                         f"{', '.join(PROXIES)}; an ensemble 'vote' or 'rank:a+b+c'; or a "
                         "comma-separated list, one column each, ranked by the first")
-    p.add_argument("--top_n", default=1, type=int, help="genotype files kept for the best n")
+    p.add_argument("--top_n", default=1, type=at_least(1), help="genotype files kept for the best n")
     p.add_argument("--blocks", default=None,
                    help="comma-separated search space (None: the paper's 24 + --module's)")
     p.add_argument("--generate_random", action="store_true",
@@ -101,24 +76,26 @@ def get_args_parser():
                    help="also write the best genotype here (a fixed name for sweep scripts)")
     p.add_argument("--plot", default=True, action=argparse.BooleanOptionalAction,
                    help="draw results/<proxy>_at_<goal>.png: score against params and MACs")
-    p.add_argument("--rerank", default=0, type=int,
-                   help="then train the top K for --rerank_epochs with main.py and rank them by "
+    p.add_argument("--rerank", default=0, type=at_least(0),
+                   help="then train the top K for --rerank_epochs (engine.py, as main.py) and rank them by "
                         "validation error (results/<proxy>_at_<goal>_rerank.csv)")
-    p.add_argument("--rerank_epochs", default=2, type=int, help="epochs per re-ranked candidate")
-    p.add_argument("--rerank_lr", default=0.1, type=float, help="main.py --lr (cosine schedule)")
-    p.add_argument("--rerank_train_subset", default=None, type=int,
-                   help="main.py --train_subset for the re-rank (default: all images)")
-    p.add_argument("--rerank_val_subset", default=None, type=int,
-                   help="main.py --val_subset for the re-rank (default: all images)")
+    p.add_argument("--rerank_epochs", default=2, type=at_least(1), help="epochs per re-ranked candidate")
+    p.add_argument("--rerank_lr", default=0.1, type=positive(), help="learning rate of the re-rank (cosine schedule)")
+    p.add_argument("--rerank_train_subset", default=None, type=at_least(1),
+                   help="train each re-ranked candidate on N fixed images (default: all)")
+    p.add_argument("--rerank_val_subset", default=None, type=at_least(1),
+                   help="validate them on N fixed images (default: all)")
+    p.add_argument("--amp", default="auto", choices=sorted(AMP_CHOICES),
+                   help="the re-rank's training precision (as main.py --amp)")
     return p
 
 
-# --------------------------------------------------------------------------------------------
-# Networks, budgets, candidates
-# --------------------------------------------------------------------------------------------
 
-def resolve(args):
-    """Fill the defaults that depend on other arguments (in place); returns args."""
+
+def resolve(args) -> argparse.Namespace:
+    """The search's settings record: the flags with the defaults that depend on other flags
+    filled in, and `spec`, the --proxy list parsed once. `args` itself is left as it was."""
+    args = argparse.Namespace(**vars(args))
     net = Network.from_args(args)     # fills --arch, and WRN's depth and width
     args.arch, args.wrn_depth, args.wrn_width = net.arch, net.depth, net.width
     if not args.generate_random and args.param_goal is None and args.mac_goal is None \
@@ -128,454 +105,10 @@ def resolve(args):
     # that each torchrun process takes its own GPU (runtime.start_runtime)
     device = pick_device(args.device)
     args.device = device.type if args.device in (None, "auto") else args.device
-    for name in ("samples", "batch_size", "minibatches", "top_n"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if not 0 < args.tol < 1:
-        raise UserError(f"--tol must lie strictly between 0 and 1 (a fraction of the goal: "
-                        f"0.025 is +-2.5%), got {args.tol:g}")
+    args.spec = proxy_spec(args.proxy)
+    if args.latency_goal is not None:
+        timing_from_args(args, args.device)   # a bad --latency_device, before any work
     return args
-
-
-def search_space(args):
-    """Block names searched over: --blocks, else the paper's 24 plus what --module adds."""
-    before = set(BLOCK_TYPES)
-    if args.module:
-        load_block_module(args.module)
-    if args.blocks:
-        names = [n.strip() for n in args.blocks.split(",") if n.strip()]
-        if not names:
-            raise UserError(f"--blocks {args.blocks!r} names no block type: give "
-                            "comma-separated names such as Conv,DConvA4,G8B2")
-        return names
-    return list(SEARCH_SPACE) + [n for n in BLOCK_TYPES if n not in before]
-
-
-def network(args, num_classes=None) -> Network:
-    """The searched network (models.archs): --arch, --wrn_depth, --wrn_width."""
-    return Network.from_args(args, num_classes)
-
-
-def cost_table(args, num_classes, names) -> CostTable:
-    return CostTable.for_network(network(args, num_classes), names)
-
-
-def goal_label(args) -> str:
-    """'800000', 'macs100000000' or '800000_macs100000000': names the results and genotypes."""
-    parts = ([str(args.param_goal)] if args.param_goal is not None else []) + \
-            ([f"macs{args.mac_goal}"] if args.mac_goal is not None else []) + \
-            ([f"lat{args.latency_goal:g}ms"] if args.latency_goal is not None else [])
-    return "_".join(parts)
-
-
-def in_budget(args, params: np.ndarray, macs: np.ndarray) -> np.ndarray:
-    ok = np.ones(len(params), bool)
-    for goal, value in ((args.param_goal, params), (args.mac_goal, macs)):
-        if goal is not None:
-            lo, hi = budget_window(goal, args.tol)
-            ok &= (value >= lo) & (value <= hi)
-    return ok
-
-
-# --------------------------------------------------------------------------------------------
-# Latency goals (latency.py): a measured table, quantised for the exact sampler
-# --------------------------------------------------------------------------------------------
-
-def with_latency(args, table, num_classes, names):
-    """`table`, or a copy carrying .latency (integer costs) when --latency_goal is given.
-    The latency table is cached under <results_dir>/latency/ (measured on first use)."""
-    if args.latency_goal is None:
-        return table
-    if not args.latency_goal > 0:   # before minutes of measuring
-        raise UserError(f"--latency_goal must be a positive number of ms, got {args.latency_goal}")
-    lat = load_or_measure(family_of(network(args, num_classes)), names,
-                          timing_from_args(args, args.device),
-                          cache_dir=os.path.join(args.results_dir, "latency"))
-    table = copy.copy(table)   # the caller's table stays latency-free
-    table.latency = lat.quantise(args.latency_goal)
-    return table
-
-
-def in_latency_budget(args, table, codes: np.ndarray) -> np.ndarray:
-    """The latency window on the same quantised costs the sampler uses."""
-    if table.latency is None:
-        return np.ones(len(codes), bool)
-    return table.latency.in_window(codes, args.tol)
-
-
-def latency_row(table, genotype):
-    """{'latency_ms': predicted} for a results row ({} without a latency goal); with
-    genotype None, the column names."""
-    if table.latency is None:
-        return {}
-    if genotype is None:
-        return {"latency_ms": None}
-    return {"latency_ms": round(table.latency.table.predict(genotype), 5)}
-
-
-def latency_settings(table):
-    """What a resumed run must share: the latency table's identity (key and content hash)."""
-    if table.latency is None:
-        return {}
-    return {"latency_table": table.latency.table.identity()}
-
-
-def read_archs(path):
-    """(genotypes, sha256 of the file) of an archs file; a file that cannot be one is an error."""
-    if os.path.isdir(path):
-        raise UserError(f"--save_file {path} is a directory, not an archs file (a CSV from "
-                        "--generate_random)")
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        df = pd.read_csv(io.BytesIO(data))
-    except pd.errors.EmptyDataError:
-        raise UserError(f"archs file {path} is empty: write it again with --generate_random, "
-                        "or pass --save_file none for exact samples") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not a readable CSV ({e})") from None
-    if "convs" not in df.columns:
-        raise UserError(f"{path}: expected a 'convs' column (an archs file from "
-                        "--generate_random)")
-    if df.empty:
-        raise UserError(f"archs file {path} has no rows: write it again with "
-                        "--generate_random, or pass --save_file none for exact samples")
-    return list(df["convs"]), hashlib.sha256(data).hexdigest()
-
-
-def candidates_from_file(args, table):
-    """(genotypes, source) from the archs file's rows that meet the budget, in file order, or
-    None for exact samples. The default file is skipped with a message when it does not fit
-    (another network, too few rows in budget); a file named with --save_file must fit."""
-    path = args.save_file
-    named = path != DEFAULT_ARCHS
-    if not named and not os.path.lexists(path):
-        print(f"candidates: exact samples ({path} absent)")
-        return None
-    if named and not os.path.lexists(path):
-        raise UserError(f"archs file {path} not found: write it with --generate_random, or "
-                        "pass --save_file none for exact samples")
-    cells, digest = read_archs(path)
-    try:
-        genotypes = [parse_convs(c, where=f"{path}, convs") for c in cells]
-        codes = np.stack([table.encode(g) for g in genotypes])
-        params, macs = table.cost_many(codes)
-    except UserError as e:   # written for another network or search space
-        if named:
-            raise UserError(f"{path} does not fit this search ({e}): pass the archs file of "
-                            "this network, or --save_file none for exact samples") from None
-        print(f"candidates: exact samples ({path} skipped, written for another network: {e})")
-        return None
-    ok = in_budget(args, params, macs) & in_latency_budget(args, table, codes)
-    fit = [g for g, keep in zip(genotypes, ok) if keep]
-    counts = f"{len(fit)} of its {len(genotypes)} rows meet this budget"
-    if len(fit) < args.samples:
-        if named:
-            raise UserError(f"{path}: {counts}, fewer than --samples {args.samples}: lower "
-                            "--samples, or pass --save_file none for exact samples")
-        print(f"candidates: exact samples ({path} skipped: {counts}, fewer than --samples "
-              f"{args.samples})")
-        return None
-    print(f"candidates: {path} (sha256 {digest[:12]}): {counts}; scoring the first "
-          f"{args.samples}")
-    return fit[:args.samples], f"sha256:{digest}"
-
-
-def get_candidates(args, table):
-    """(genotypes, source): the archs file's in-budget rows when it fits (see
-    candidates_from_file), else exactly uniform samples within the budget window ("sampled")."""
-    if args.save_file.lower() == "none":
-        print("candidates: exact samples (--save_file none)")
-    else:
-        from_file = candidates_from_file(args, table)
-        if from_file is not None:
-            return from_file
-    n = args.samples
-    budget = Budget.from_args(args, table.latency)
-    available = count_genotypes(table, budget)
-    if available < n:
-        print(f"only {int(available)} genotypes meet this budget: scoring all of them")
-        n = int(available)
-    return sample_genotypes(table, n, budget, args.seed), "sampled"
-
-
-# --------------------------------------------------------------------------------------------
-# Minibatches and scoring
-# --------------------------------------------------------------------------------------------
-
-def training_images(args, train_set, device):
-    """The search's training images: decoded once onto `device` (the tensor loader, see
-    loaders.py) or, on the PIL path, `train_set` itself."""
-    if choose_loader(args.loader, args.dataset, [train_set]) == "pil":
-        return train_set
-    return tensor_images(train_set, args.workers, args.cache_dir).to(device)
-
-
-def load_batches(train_set, args, key: int, device):
-    """`--minibatches` batches of `--batch_size` training images chosen and augmented by the
-    seed `key` alone, so every process and every resumed run sees the same pixels.
-    train_set: a TensorImages (augmented on its device) or a dataset of PIL transforms."""
-    g = torch.Generator().manual_seed(key)
-    idx = torch.randperm(len(train_set), generator=g)[:args.batch_size * args.minibatches]
-    if isinstance(train_set, TensorImages):
-        batches = augmented_batches(train_set, idx, args.batch_size,
-                                    Augment.for_dataset(args.dataset), g)
-        return [(x.to(device), y.to(device)) for x, y in batches]
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_set, idx.tolist()),
-                                         batch_size=args.batch_size,
-                                         num_workers=args.workers, generator=g)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(key)   # the augmentations draw from torch's global generator
-        return [(x.to(device), y.to(device)) for x, y in loader]
-
-
-def candidate_key(seed: int, index: int) -> int:
-    """The seed of candidate `index`: its weights depend on (seed, index) only."""
-    return seed * 1_000_003 + index + 1
-
-
-def score_candidate(net, batches, proxy) -> float:
-    """The one place a candidate is scored: proxy(net, inputs, targets) summed over batches."""
-    return float(sum(proxy(net, x, y) for x, y in batches))
-
-
-def make_candidate(args, genotype, num_classes, key, device):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(key)
-        return network(args, num_classes).build(genotype).to(device)
-
-
-# --------------------------------------------------------------------------------------------
-# Results file: appended and flushed per candidate, with its settings beside it
-# --------------------------------------------------------------------------------------------
-
-def read_rows(path, score_col):
-    """{index: row} of a results CSV; a torn last line (a kill mid-write) is cut off."""
-    if not os.path.isfile(path):
-        return {}
-    with open(path, newline="") as f:
-        text = f.read()
-    if text and not text.endswith("\n"):
-        text = text[:text.rfind("\n") + 1]
-        atomic_write(path, lambda f: f.write(text.encode()))
-    rows = {}
-    score_cols = [score_col] if isinstance(score_col, str) else score_col
-    for r in csv.DictReader(text.splitlines()):
-        rows[int(r["index"])] = {"index": int(r["index"]), "convs": parse_convs(r["convs"]),
-                                 "params": int(r["params"]), "macs": int(r["macs"]),
-                                 **{c: float(r[c]) for c in score_cols}}
-        if "latency_ms" in r:
-            rows[int(r["index"])]["latency_ms"] = float(r["latency_ms"])
-    return rows
-
-
-class ResultsWriter:
-    """Appends one CSV line per candidate, flushed and fsynced: a kill loses at most the
-    candidate in flight."""
-
-    def __init__(self, path, columns):
-        self.columns = columns
-        new = not os.path.isfile(path) or os.path.getsize(path) == 0
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.f = open(path, "a", newline="")
-        self.writer = csv.writer(self.f, lineterminator="\n")
-        if new:
-            self.write_row(dict(zip(columns, columns)))
-
-    def write_row(self, row):
-        self.writer.writerow([row[c] if c != "convs" or isinstance(row[c], str)
-                              else format_convs(row[c]) for c in self.columns])
-        self.f.flush()
-        os.fsync(self.f.fileno())
-
-    def close(self):
-        self.f.close()
-
-
-def write_rows(path, rows, columns):
-    """Rewrite a results file atomically, rows in index order (used by the merge)."""
-    text = io.StringIO()
-    w = csv.writer(text, lineterminator="\n")
-    w.writerow(columns)
-    for r in sorted(rows.values(), key=lambda r: r["index"]):
-        w.writerow([format_convs(r[c]) if c == "convs" else r[c] for c in columns])
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
-
-
-def check_settings(path, settings):
-    """Write the run's settings beside its results, or check that a resumed run matches."""
-    if os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
-        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-        if diff:
-            text = ", ".join(f"{k} {a!r} then, {b!r} now" for k, (a, b) in diff.items())
-            raise UserError(f"{path} records different settings ({text}): rerun with the same "
-                            "settings to resume, or move the results file away to start afresh")
-    else:
-        atomic_write(path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
-
-
-# --------------------------------------------------------------------------------------------
-# Distributed: each rank scores every world-th candidate into its own shard file; rank 0 merges
-# --------------------------------------------------------------------------------------------
-
-def read_done(paths: "SearchPaths", score_col):
-    """Every candidate already scored: the main file and any shard files."""
-    rows = read_rows(paths.results, score_col)
-    for s in paths.shards():
-        rows.update(read_rows(s, score_col))
-    return rows
-
-
-def merge_shards(paths: "SearchPaths", score_col, columns):
-    """Fold every shard file into the main results file (index order), then remove them."""
-    shards = paths.shards()
-    rows = read_done(paths, score_col)
-    if shards:
-        write_rows(paths.results, rows, columns)
-        for s in shards:
-            os.remove(s)
-    return rows
-
-
-# --------------------------------------------------------------------------------------------
-# The search
-# --------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class SearchPaths:
-    """Every file of one search, named after results/<proxy>_at_<goal>."""
-    stem: str
-
-    @classmethod
-    def of(cls, args) -> "SearchPaths":
-        return cls(os.path.join(args.results_dir,
-                                f"{ProxySpec(args.proxy).label}_at_{goal_label(args)}"))
-
-    results = property(lambda self: self.stem + ".csv")       # one row per candidate
-    settings = property(lambda self: self.stem + ".json")     # what a resumed run must share
-    lock = property(lambda self: self.stem + ".lock")
-    best = property(lambda self: self.stem + "_best.csv")     # the best genotype, always
-    plot = property(lambda self: self.stem + ".png")
-    rerank = property(lambda self: self.stem + "_rerank.csv")
-    rerank_settings = property(lambda self: self.stem + "_rerank.json")
-    rerank_dir = property(lambda self: self.stem + "_rerank")  # its checkpoints and genotypes
-
-    def shard(self, rank: int) -> str:
-        """The file rank `rank` of a torchrun search appends to (merged by rank 0)."""
-        return f"{self.stem}.rank{rank}.csv"
-
-    def shards(self) -> List[str]:
-        return sorted(glob.glob(f"{glob.escape(self.stem)}.rank*.csv"))
-
-
-@dataclass
-class Search:
-    """One search as it runs: its settings (args), candidates and their cost table, the
-    training images, its files and its process."""
-    args: argparse.Namespace
-    genotypes: List[List[str]]
-    table: CostTable
-    num_classes: int
-    train_set: object
-    paths: SearchPaths
-    rt: Runtime
-
-    @property
-    def score_cols(self) -> List[str]:
-        """The proxies scored into columns (the `params` proxy is the params column)."""
-        return [c for c in ProxySpec(self.args.proxy).columns if c != "params"]
-
-    @property
-    def columns(self) -> List[str]:
-        return ["index", "convs", "params", "macs", *latency_row(self.table, None),
-                *self.score_cols]
-
-
-def score_all(search: Search, todo, out_path: str, best, on_new_best) -> int:
-    """Score candidates `todo` (indices), appending each to out_path; on_new_best(row) for
-    each new best. Returns the count."""
-    args, device = search.args, search.rt.device
-    spec = ProxySpec(args.proxy)
-    fns = {name: get_proxy(name) for name in search.score_cols}
-    score_col = spec.ranker if spec.ranker in spec.columns else None   # ensembles rank last
-    shared = (None if args.resample_batch
-              else load_batches(search.train_set, args, args.seed, device))
-    writer = ResultsWriter(out_path, search.columns)
-    bar = tqdm(todo, disable=not search.rt.main, desc=f"{args.proxy} at {goal_label(args)}")
-    try:
-        for i in bar:
-            key = candidate_key(args.seed, i)
-            batches = shared or load_batches(search.train_set, args, key, device)
-            net = make_candidate(args, search.genotypes[i], search.num_classes, key, device)
-            row = candidate_row(search, i, {name: score_candidate(net, batches, fn)
-                                            for name, fn in fns.items()})
-            writer.write_row(row)
-            if score_col is None:
-                continue
-            if best is None or row[score_col] > best[score_col]:
-                best = row
-                on_new_best(row)
-            bar.set_postfix(best=f"#{best['index']} {best[score_col]:.4g}", refresh=False)
-    finally:
-        writer.close()
-    return len(todo)
-
-
-def candidate_row(search: Search, i: int, scores: dict) -> dict:
-    """The results row of candidate i: its genotype, costs and scores."""
-    genotype = search.genotypes[i]
-    params, macs = search.table.cost(genotype)
-    return {"index": i, "convs": genotype, "params": params, "macs": macs, **scores,
-            **latency_row(search.table, genotype)}
-
-
-def genotype_stem(args) -> str:
-    """'<goal>_' as the original names genotype files; other proxies prefix their name, so a
-    comparison run never overwrites the Fisher search's files."""
-    prefix = "" if args.proxy == "fisher" else f"{ProxySpec(args.proxy).label}_"
-    return f"{prefix}{goal_label(args)}_"
-
-
-def genotype_path(args, row):
-    """genotypes/<goal>_<index>.csv (see genotype_stem)."""
-    return os.path.join(args.genotype_dir, f"{genotype_stem(args)}{row['index']}.csv")
-
-
-def save_best(args, row, paths: SearchPaths):
-    """A new best: its genotype file (rank 1) and the fixed best file."""
-    score = row[ProxySpec(args.proxy).ranker]
-    save_genotype(genotype_path(args, row), row["convs"], score, row["index"], rank=1)
-    save_genotype(paths.best, row["convs"], score, row["index"], rank=1)
-
-
-def genotype_files(args):
-    """{index: path} of the genotype files of this proxy and goal in --genotype_dir."""
-    if not os.path.isdir(args.genotype_dir):
-        return {}
-    pattern = re.compile(re.escape(genotype_stem(args)) + r"(\d+)\.csv")
-    return {int(m.group(1)): os.path.join(args.genotype_dir, m.group(0))
-            for m in map(pattern.fullmatch, sorted(os.listdir(args.genotype_dir))) if m}
-
-
-def check_genotype_files(args, genotypes):
-    """Refuse (before any work) when genotypes/<goal>_<i>.csv holds another genotype than
-    candidate i: it belongs to another search, which this one would overwrite."""
-    for i, path in genotype_files(args).items():
-        if i < len(genotypes) and load_genotype(path) != genotypes[i]:
-            raise UserError(f"{path} holds another search's genotype (not candidate {i} of this "
-                            "one): pass another --genotype_dir, or move that file away")
-
-
-def select_rows(rows, n, out_path: str):
-    """The stored candidates this run ranks: the first n (--samples); says so when more are
-    stored (a search that scored more before)."""
-    if max(rows, default=-1) < n:
-        return rows
-    print(f"{out_path} holds {len(rows)} candidates; ranking the first {n} (--samples "
-          f"{n}; rerun with --samples {max(rows) + 1} to rank them all)")
-    return {i: r for i, r in rows.items() if i < n}
 
 
 def main(args):
@@ -583,182 +116,68 @@ def main(args):
         return search(args)
 
 
-def search_settings(args, names, num_classes, source, train_set, table):
-    """What a resumed search must share with the run that started it."""
-    settings = {k: getattr(args, k) for k in (
-        "dataset", "arch", "param_goal", "mac_goal", "tol", "seed", "batch_size",
-        "minibatches", "resample_batch", "proxy", "latency_goal")}
-    settings.update(num_classes=num_classes, blocks=names, candidates=source,
-                    **latency_settings(table),
-                    data=dataset_identity(train_set),
-                    loader=choose_loader(args.loader, args.dataset, [train_set]))
-    if args.arch == "wrn":
-        settings.update(wrn_depth=args.wrn_depth, wrn_width=args.wrn_width)
-    return settings
+def check_outputs(args) -> None:
+    """Every output folder and file name, before any work."""
+    check_writable(args.results_dir, "--results_dir")
+    check_writable(args.genotype_dir, "--genotype_dir")
+    if args.best_file:
+        if os.path.isdir(args.best_file):
+            raise UserError(f"--best_file {args.best_file} is a folder: give a file name such "
+                            "as genotypes/best.csv")
+        check_writable(os.path.dirname(args.best_file) or ".", "--best_file")
+    if args.rerank and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--rerank trains in this process: run it without torchrun (the scores "
+                        "already in the results file are reused)")
 
 
 def search(args):
     args = resolve(args)
-    check_rerank_args(args)
     names = search_space(args)
     if args.generate_random:
         return generate_random(args, names)
     if not args.data_loc:
         raise UserError("pass --data_loc (a CIFAR folder or an image folder) to score "
                         "candidates, or --generate_random to only write genotypes")
-    check_writable(args.results_dir, "--results_dir")
-    check_writable(args.genotype_dir, "--genotype_dir")
-    if args.best_file:
-        check_writable(os.path.dirname(args.best_file) or ".", "--best_file")
+    check_outputs(args)
     rt = start_runtime(args.device)
     train_set, _, num_classes = get_datasets(args.dataset, args.data_loc, args.download)
     table = with_latency(args, cost_table(args, num_classes, names), num_classes, names)
     genotypes, source = get_candidates(args, table)
     paths = SearchPaths.of(args)
     settings = search_settings(args, names, num_classes, source, train_set, table)
+    if rt.main and os.path.isfile(paths.settings):   # a resumed search: compare, before decoding
+        check_settings(paths.settings, settings)
     run = Search(args, genotypes, table, num_classes,
                  training_images(args, train_set, rt.device), paths, rt)
     if not rt.main:
         return run_search(run, settings)
-    if os.path.isfile(paths.settings):   # a resumed search: compare only, first
-        check_settings(paths.settings, settings)
     check_genotype_files(args, genotypes)
     os.makedirs(args.results_dir, exist_ok=True)
     with pid_lock(paths.lock, paths.results):
-        return run_search(run, settings)
-
-
-def run_search(search: Search, settings: dict):
-    """Check or write the settings, score what is not yet scored, merge, summarise."""
-    args, rt, paths = search.args, search.rt, search.paths
-    if rt.main:
-        check_settings(paths.settings, settings)
-    if rt.world > 1:
-        dist.barrier()
-        check_settings(paths.settings, settings)
-    done = scored_before(search)
-    spec = ProxySpec(args.proxy)
-    todo = [i for i in range(rt.rank, len(search.genotypes), rt.world) if i not in done]
-    best = (max(done.values(), key=lambda r: r[spec.ranker], default=None)
-            if spec.ranker in spec.columns else None)
-    single = rt.world == 1
-    start = time.time()
-    n = score_all(search, todo, paths.results if single else paths.shard(rt.rank), best,
-                  (lambda row: save_best(args, row, paths)) if single else (lambda row: None))
-    seconds = time.time() - start
-    if rt.world > 1:   # also the barrier before the merge
-        total = torch.tensor([n], device=rt.device)
-        dist.all_reduce(total)
-        n = int(total)
-    if not rt.main:
-        return None
-    rows = select_rows(merge_shards(paths, search.score_cols, search.columns),
-                       len(search.genotypes), paths.results)
-    result = summarise(args, rows, paths, n, seconds)
-    if args.rerank:
-        result["rerank"] = rerank(args, rows, paths)
-    return result
-
-
-def scored_before(search: Search) -> dict:
-    """{index: row} of this search's candidates already in its files (rank 0 reads and
-    repairs them and tells the other ranks); refuses files of other candidates."""
-    rt, paths = search.rt, search.paths
-    done = read_done(paths, search.score_cols) if rt.main else None
-    if rt.world > 1:
-        box = [done]
-        dist.broadcast_object_list(box, src=0)
-        done = box[0]
-    done = {i: r for i, r in done.items() if i < len(search.genotypes)}   # beyond --samples
-    for i, r in done.items():
-        if r["convs"] != search.genotypes[i]:
-            raise UserError(f"{paths.results}: candidate {i} there is not candidate {i} now "
-                            "(the candidates changed): rerun with the same settings and archs "
-                            "file, or move the results file away")
-    return done
-
-
-def write_ranked(args, ranked, paths: SearchPaths, ranker):
-    """Genotype files with their rank: the top --top_n, and every file of this search already
-    in --genotype_dir (an earlier best) with its rank now; the best last, so the newest file is
-    the best. The best also goes to the fixed results/<proxy>_at_<goal>_best.csv."""
-    existing = genotype_files(args)
-    for k, r in reversed(list(enumerate(ranked, 1))):
-        if k <= args.top_n or r["index"] in existing:
-            save_genotype(genotype_path(args, r), r["convs"], r[ranker], r["index"], rank=k)
-    b = ranked[0]
-    save_genotype(paths.best, b["convs"], b[ranker], b["index"], rank=1)
-
-
-def summarise(args, rows, paths: SearchPaths, n_scored, seconds):
-    """Write the genotype files of the top n, ranked, and print and return the summary."""
-    if not rows:
-        raise UserError("no candidates were scored")
-    spec = ProxySpec(args.proxy)
-    ranked = rank_rows(spec, rows)
-    write_ranked(args, ranked, paths, spec.ranker)
-    b = ranked[0]
-    if args.best_file:
-        save_genotype(args.best_file, b["convs"], b[spec.ranker], b["index"])
-    if args.plot:
-        from plots import plot_search
-        plot_search(paths.results, paths.plot, score=spec.columns[0])
-    per = seconds / n_scored if n_scored else float("nan")
-    lat = f"latency {b['latency_ms']:.3g} ms  " if "latency_ms" in b else ""
-    print(f"best of {len(rows)}: #{b['index']}  params {b['params']:,}  MACs {b['macs']:,}  {lat}"
-          f"{spec.ranker} {b[spec.ranker]:.6g}  ({n_scored} scored now, {per:.3f} s each)  "
-          f"-> {paths.best}")
-    for k, r in enumerate(ranked[:args.top_n], 1):
-        print(f"  rank {k}: #{r['index']}  {spec.ranker} {r[spec.ranker]:.6g}  "
-              f"-> {genotype_path(args, r)}")
-    return {"best_index": b["index"], "best_genotype": b["convs"], "params": b["params"],
-            "macs": b["macs"], "latency_ms": b.get("latency_ms"), "score": b[spec.ranker],
-            args.proxy: b[spec.ranker], **{item: b[item] for item in spec.items + spec.columns},
-            "proxy": args.proxy, "results": paths.results, "genotype": genotype_path(args, b),
-            "best_file": paths.best,
-            "n_candidates": len(rows), "n_scored": n_scored, "seconds_per_candidate": per,
-            "ranking": [r["index"] for r in ranked]}
-
-
-def rank_rows(spec, rows):
-    """The rows, best first by spec.ranker (ties by index; NaN last). An ensemble's score is
-    computed here over all scored candidates (it ranks a set) and added to each row."""
-    rows = sorted(rows.values(), key=lambda r: r["index"])
-    table = {c: [r[c] for r in rows] for c in spec.columns}
-    for item in spec.items:
-        if item not in spec.columns:
-            for r, v in zip(rows, spec.scores(item, table)):
-                r[item] = float(v)
-    return sorted(rows, key=lambda r: (-finite([r[spec.ranker]])[0], r["index"]))
+        result, rows = run_search(run, settings)
+        if args.rerank:
+            result["rerank"] = rerank(args, rows, paths)
+        return result
 
 
 # --------------------------------------------------------------------------------------------
-# Re-rank: train the top K briefly with main.py, rank by validation error
+# Re-rank: train the top K briefly (engine.py), rank by validation error
 # --------------------------------------------------------------------------------------------
 
 RERANK_COLUMNS = ["index", "convs", "params", "macs", "score", "val_error"]
 
 
-def check_rerank_args(args):
-    """Before anything is scored: --rerank's numbers, and one process (no torchrun)."""
-    if args.rerank < 0 or args.rerank_epochs < 1:
-        raise UserError(f"--rerank must be >= 0 and --rerank_epochs >= 1 (got {args.rerank} and "
-                        f"{args.rerank_epochs})")
-    if args.rerank and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("--rerank trains in this process: run it without torchrun (the scores "
-                        "already in the results file are reused)")
-
-
-def train_candidate(args, row, folder) -> float:
-    """Train one candidate with main.py's teacher training (cross-entropy, cosine schedule,
-    same data path); returns its final validation error (%)."""
-    import main as trainer   # the training script, needed only when re-ranking
-    return trainer.train_genotype(row["convs"], folder, f"candidate_{row['index']}", dict(
-        dataset=args.dataset, data_loc=args.data_loc, arch=args.arch,
-        wrn_depth=args.wrn_depth, wrn_width=args.wrn_width, epochs=args.rerank_epochs,
+def rerank_config(args, row, folder) -> TrainConfig:
+    """The short training of one candidate: main.py's teacher training (cross-entropy, cosine
+    schedule) on the search's data path and precision."""
+    return candidate_config(
+        row["convs"], folder, f"candidate_{row['index']}", dataset=args.dataset,
+        data_loc=args.data_loc, arch=args.arch, wrn_depth=args.wrn_depth,
+        wrn_width=args.wrn_width, module=args.module, epochs=args.rerank_epochs,
         lr=args.rerank_lr, batch_size=args.batch_size, workers=args.workers, seed=args.seed,
         device=args.device, train_subset=args.rerank_train_subset,
-        val_subset=args.rerank_val_subset, module=args.module, **{"no-plot": True}))
+        val_subset=args.rerank_val_subset, loader=args.loader, cache_dir=args.cache_dir,
+        amp=args.amp)
 
 
 def read_rerank(path):
@@ -774,21 +193,26 @@ def read_rerank(path):
 def rerank(args, rows, paths: SearchPaths):
     """Train the top --rerank candidates by the proxy (appending each to <results>_rerank.csv
     as it finishes, so a rerun resumes), then write the lowest-error one as a genotype file."""
-    spec = ProxySpec(args.proxy)
-    top = rank_rows(spec, rows)[:args.rerank]
+    top = rank_rows(args.spec, rows)[:args.rerank]
     path, folder = paths.rerank, paths.rerank_dir
     check_settings(paths.rerank_settings, {
         "epochs": args.rerank_epochs, "lr": args.rerank_lr, "batch_size": args.batch_size,
         "seed": args.seed, "train_subset": args.rerank_train_subset,
         "val_subset": args.rerank_val_subset, "proxy": args.proxy})
     done = read_rerank(path)
+    todo = {f"candidate_{r['index']}": r for r in top if r["index"] not in done}
     writer = ResultsWriter(path, RERANK_COLUMNS)
+
+    def collect(name, result):   # appended as each training ends, so a rerun resumes
+        r = todo[name]
+        row = {k: r[k] for k in ("index", "convs", "params", "macs")}
+        row.update(score=r[args.spec.ranker], val_error=result["val_error"])
+        writer.write_row(row)
+        done[r["index"]] = row
     try:
-        for r in tqdm([r for r in top if r["index"] not in done], desc="re-rank"):
-            row = {k: r[k] for k in ("index", "convs", "params", "macs")}
-            row.update(score=r[spec.ranker], val_error=train_candidate(args, r, folder))
-            writer.write_row(row)
-            done[r["index"]] = row
+        run_jobs(train_candidate, [Job(n, rerank_config(args, r, folder)) for n, r in todo.items()],
+                 launch_settings(args, os.path.join(folder, "jobs"), args.device),
+                 on_result=collect)
     finally:
         writer.close()
     trained = [done[r["index"]] for r in top]
@@ -814,7 +238,7 @@ def generate_random(args, names):
     check_writable(os.path.dirname(args.save_file) or ".", "--save_file")
     num_classes = NUM_CLASSES[args.dataset]
     table = with_latency(args, cost_table(args, num_classes, names), num_classes, names)
-    with tqdm(total=args.samples, desc="genotypes") as bar:
+    with contextlib.closing(progress(total=args.samples, desc="genotypes")) as bar:
         genotypes = sample_genotypes(table, args.samples, Budget.from_args(args, table.latency),
                                      args.seed, progress=bar.update)
     params, macs = table.cost_many(np.stack([table.encode(g) for g in genotypes]))

@@ -1,70 +1,32 @@
-"""Shared pieces of BlockSwap: parameter counting, genotype files, data, losses, CLI glue.
-(Fisher potential and genotype sampling live here too; see the sections below.)"""
+"""BlockSwap's own computations: Fisher potential at initialisation, parameter budgets and the
+exact sampling of genotypes within them (the design card's funcs.py).
+
+The seed's public names stay importable from here: get_no_params, one_shot_fisher,
+load_genotype and save_genotype (the genotype files live in files.py)."""
 import argparse
-import ast
 import contextlib
-import copy
-import csv
-import hashlib
 import math
-import os
-import re
-import socket
-import shutil
-import sys
-import tempfile
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import List, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.archs import Network
+from files import load_genotype, save_genotype  # noqa: F401 (the seed's API)
+from models.blocks import UserError, count_params, logits_of, residual_blocks
 
-from models.blocks import UserError, count_params, get_block_type, residual_blocks
-
-
-# --------------------------------------------------------------------------------------------
-# CLI glue
-# --------------------------------------------------------------------------------------------
-
-def run_cli(main, parser, argv: Optional[Sequence[str]] = None):
-    """Parse, run main(args); a UserError ends as one line on stderr and exit status 2."""
-    args = parser.parse_args(argv)
+def fraction(text: str) -> float:
+    """argparse type of --tol: a fraction strictly between 0 and 1 (checked once, here)."""
     try:
-        return main(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows every flag's default, also for flags without a help text (argparse's own
-    formatter shows it only beside a help text), unless the text already states one."""
-
-    def _format_action(self, action):
-        if not action.help and action.option_strings and action.default is not argparse.SUPPRESS:
-            action = copy.copy(action)
-            action.help = "default: %(default)s"
-        return super()._format_action(action)
-
-    def _get_help_string(self, action):
-        return action.help if "default" in action.help else super()._get_help_string(action)
-
-
-def check_writable(folder: str, flag: str) -> None:
-    """UserError naming `folder` when files cannot be written there (or in the nearest existing
-    folder above it, where it would be made), so a run fails before any work, not after."""
-    d = os.path.abspath(folder)
-    while not os.path.exists(d):
-        d = os.path.dirname(d)
-    if not os.path.isdir(d):
-        raise UserError(f"{flag} {folder}: {d} is a file, not a folder")
-    if not os.access(d, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {folder}: the folder {d} is not writable (read-only); "
-                        f"pass another {flag}")
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must lie strictly between 0 and 1 (a "
+                                         "fraction of the goal: 0.025 is +-2.5%)")
+    return value
 
 
 def budget_args() -> argparse.ArgumentParser:
@@ -73,7 +35,7 @@ def budget_args() -> argparse.ArgumentParser:
     g = p.add_argument_group("budget")
     g.add_argument("--param_goal", default=None, type=int, help="parameter budget")
     g.add_argument("--mac_goal", default=None, type=int, help="MAC budget (may join params)")
-    g.add_argument("--tol", default=0.025, type=float,
+    g.add_argument("--tol", default=0.025, type=fraction,
                    help="window half-width, a fraction between 0 and 1 (0.025: +-2.5%%)")
     return p
 
@@ -86,479 +48,6 @@ def get_no_params(net: nn.Module, verbose: bool = False) -> int:
     return total
 
 
-def atomic_write(path: str, write) -> None:
-    """Write a file through `write(f)` into a temporary file, then rename over `path`, so a
-    crash never leaves a half-written file (and never truncates an existing one)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        os.chmod(tmp, _file_mode(path))   # mkstemp's 0600 would make every output private
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # someone else's process: alive
-        return True
-    return True
-
-
-@contextlib.contextmanager
-def pid_lock(path: str, what: str):
-    """Hold `path` (created exclusively, holding "<pid> <host>") while the body runs, so two
-    runs never write `what` at once. The lock of a process that died on this host (killed,
-    crashed) is taken over with a message; a live one is a UserError."""
-    host = socket.gethostname()
-    for attempt in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            try:
-                with open(path) as f:
-                    pid, _, owner = f.read().strip().partition(" ")
-            except FileNotFoundError:   # released meanwhile: try again
-                continue
-            # a torn lock (no pid) or a dead process of this host: stale
-            stale = not pid.isdigit() or (owner == host and not _pid_alive(int(pid)))
-            if attempt == 2 or not stale:
-                where = "" if owner == host else f" on {owner}"
-                raise UserError(f"another run (process {pid or '?'}{where}) is writing {what}: "
-                                f"wait for it to finish, or remove {path} if it is gone") from None
-            print(f"{path}: taking over the stale lock of process {pid or '?'} (not running)")
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-    else:
-        raise UserError(f"{path}: could not take the lock for {what}; try again")
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()} {host}\n")
-    try:
-        yield path
-    finally:
-        os.remove(path)
-
-
-def _file_mode(path: str) -> int:
-    """The mode a plain open(path, "w") gives: an existing file's own, else 0666 less the umask."""
-    if os.path.exists(path):
-        return os.stat(path).st_mode & 0o777
-    umask = os.umask(0o022)   # the only way to read it is to set it; set back at once
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-# --------------------------------------------------------------------------------------------
-# Genotype files: CSV with columns (unnamed row index), index, convs, fisher, as the paper's
-# repository ships them. `convs` is a Python list literal of block names; the 2019 form held
-# the text of a numpy array of `<class 'models.blocks.X'>` entries.
-# --------------------------------------------------------------------------------------------
-
-_LEGACY_CLASS = re.compile(r"<class\s+'models\.blocks\.(\w+)'>")
-
-
-def parse_convs(cell: str, where: str = "genotype") -> List[str]:
-    """A `convs` cell -> list of block names (validated)."""
-    text = cell.strip()
-    if "<class" in text:
-        names = _LEGACY_CLASS.findall(text)
-        leftover = _LEGACY_CLASS.sub("", text).strip("[] \n\t,")
-        if not names or leftover:
-            raise UserError(f"{where}: cannot read the convs cell {cell!r}")
-    else:
-        try:
-            names = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            raise UserError(f"{where}: cannot read the convs cell {cell!r} "
-                            "(expected a list such as ['Conv', 'DConvA4', ...])") from None
-        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-            raise UserError(f"{where}: the convs cell {cell!r} is not a list of block names")
-        names = list(names)
-    for n in names:
-        try:
-            get_block_type(n)
-        except UserError as e:
-            raise UserError(f"{where}: {e}") from None
-    return names
-
-
-def format_convs(genotype: Sequence[str]) -> str:
-    """The `convs` cell of a genotype: a Python list literal, as parse_convs reads it back."""
-    return repr([str(n) for n in genotype])
-
-
-def load_genotype(path: str) -> List[str]:
-    """The genotype (list of block names) in the first row of a genotype CSV."""
-    if os.path.isdir(path):
-        raise UserError(f"genotype file {path} is a directory, not a CSV file")
-    if not os.path.isfile(path):
-        raise UserError(f"genotype file {path} not found")
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"{path}: not a readable CSV file ({e})") from None
-    if not rows or "convs" not in rows[0]:
-        raise UserError(f"{path}: expected a CSV with a 'convs' column and at least one row")
-    return parse_convs(rows[0]["convs"] or "", where=f"{path}, row 1, column convs")
-
-
-def save_genotype(path: str, genotype: Sequence[str], fisher: float = 0.0, index: int = 0,
-                  rank: Optional[int] = None):
-    """Write a genotype CSV in the paper repository's form (atomically); a search adds the
-    candidate's `rank` (1 = best) as a last column."""
-    genotype = [get_block_type(n).name for n in genotype]
-    head, tail = (",rank", f",{rank}") if rank is not None else ("", "")
-
-    def write(f):
-        text = (f",index,convs,fisher{head}\n"
-                + f'0,{index},"{format_convs(genotype)}",{float(fisher)!r}{tail}\n')
-        f.write(text.encode())
-    atomic_write(path, write)
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints (main.py writes them; plots.py, fisher_rank.py and study.py read them): a dict
-# with the weights ('net'), the network (arch, depth, width, num_classes, convs), the epoch,
-# the optimiser state and the per-epoch record.
-# --------------------------------------------------------------------------------------------
-
-def arch_info(model: nn.Module) -> dict:
-    """What rebuilds `model` (models.archs.Network and its convs), as plain values."""
-    net = Network.of(model)
-    return {"arch": net.arch, "depth": net.depth, "width": net.width,
-            "num_classes": net.num_classes, "convs": list(model.genotype)}
-
-
-def model_from_checkpoint(ckpt: dict, path: str) -> nn.Module:
-    """Rebuild the network a checkpoint describes and load its weights."""
-    try:
-        net = Network(ckpt.get("arch", "wrn"), ckpt.get("depth"), ckpt.get("width"),
-                      ckpt["num_classes"])
-        model = net.build(ckpt["convs"])
-    except UserError as e:
-        hint = f" (it was trained with --module {ckpt['module']})" if ckpt.get("module") else ""
-        raise UserError(f"{path}: {e}{hint}") from None
-    try:
-        model.load_state_dict(ckpt["net"])
-    except RuntimeError as e:
-        raise UserError(f"{path}: weights do not fit its recorded architecture "
-                        f"({str(e).splitlines()[0]})") from None
-    return model
-
-
-def load_checkpoint(path: str) -> dict:
-    """A checkpoint written by save_checkpoint; UserError if missing, corrupt or foreign.
-    weights_only=True: a checkpoint is a pickle and loading must never run code from it."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or holds arbitrary Python objects
-        raise UserError(f"{path} is not a readable checkpoint (not a checkpoint written by "
-                        f"main.py: {type(e).__name__})") from None
-    missing = [k for k in ("net", "epoch", "convs", "num_classes") if k not in ckpt] \
-        if isinstance(ckpt, dict) else ["net"]
-    if missing:
-        raise UserError(f"{path} is not a checkpoint of this code (no {', '.join(missing)})")
-    return ckpt
-
-
-def save_checkpoint(path: str, state: dict) -> None:
-    """Temporary file then rename: a kill during the save leaves the previous checkpoint."""
-    atomic_write(path, lambda f: torch.save(state, f))
-
-
-# --------------------------------------------------------------------------------------------
-# Data. CIFAR-10/100 in torchvision's folders (cifar-10-batches-py/, ...) or any ImageFolder
-# tree (train/<class>/*.jpg with test/ or val/), detected from what is on disk.
-# --------------------------------------------------------------------------------------------
-
-CIFAR_STATS = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-    "cifar100": ((0.5071, 0.4866, 0.4409), (0.2009, 0.1984, 0.2023)),
-}
-IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
-
-
-class Cutout:
-    """Zero one random `size` x `size` square of a CHW tensor (DeVries & Taylor, 2017)."""
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        h, w = img.shape[-2:]
-        y, x = torch.randint(h, ()).item(), torch.randint(w, ()).item()
-        y0, y1 = max(0, y - self.size // 2), min(h, y + self.size // 2)
-        x0, x1 = max(0, x - self.size // 2), min(w, x + self.size // 2)
-        img = img.clone()
-        img[..., y0:y1, x0:x1] = 0
-        return img
-
-
-def get_transforms(dataset: str, train: bool, cutout: int = 0):
-    import torchvision.transforms as T
-    if dataset == "imagenet":
-        mean, std = IMAGENET_STATS
-        if train:
-            steps = [T.RandomResizedCrop(224), T.RandomHorizontalFlip()]
-        else:
-            steps = [T.Resize(256), T.CenterCrop(224)]
-    else:
-        mean, std = CIFAR_STATS.get(dataset, CIFAR_STATS["cifar10"])
-        steps = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if train else []
-    steps += [T.ToTensor(), T.Normalize(mean, std)]
-    if train and cutout > 0:
-        steps.append(Cutout(cutout))
-    return T.Compose(steps)
-
-
-def _imagefolder_split(root: str, names) -> Optional[str]:
-    for n in names:
-        d = os.path.join(root, n)
-        if os.path.isdir(d) and any(os.scandir(d)):
-            return d
-    return None
-
-
-def get_datasets(dataset: str, data_loc: str, download: bool = False, cutout: int = 0):
-    """(train_set, val_set, num_classes) for cifar10/cifar100/imagenet at `data_loc`."""
-    import torchvision.datasets as D
-    t_train, t_val = get_transforms(dataset, True, cutout), get_transforms(dataset, False)
-    train_dir = _imagefolder_split(data_loc, ["train"])
-    val_dir = _imagefolder_split(data_loc, ["val", "test"])
-    if train_dir and val_dir:
-        train_set = D.ImageFolder(train_dir, t_train)
-        val_set = D.ImageFolder(val_dir, t_val)
-        if train_set.classes != val_set.classes:
-            raise UserError(f"{data_loc}: train/ and {os.path.basename(val_dir)}/ hold "
-                            "different class folders")
-        return train_set, val_set, len(train_set.classes)
-    if dataset == "imagenet":
-        raise UserError(f"ImageNet not found at {data_loc}: expected train/<class>/ and "
-                        "val/<class>/ image folders")
-    cls = {"cifar10": D.CIFAR10, "cifar100": D.CIFAR100}[dataset]
-    created = _first_missing(data_loc)   # what a failed download must not leave behind
-    try:
-        train_set = cls(data_loc, train=True, download=download, transform=t_train)
-        val_set = cls(data_loc, train=False, download=download, transform=t_val)
-    except OSError as e:   # URLError, a refused connection, a full disk: nothing half-made kept
-        if not download:
-            raise
-        raise _download_failed(dataset, data_loc, created, e) from None
-    except RuntimeError as e:
-        raise UserError(f"{dataset} not found at {data_loc} ({e}); expected torchvision's "
-                        f"{cls.base_folder}/ or an image folder train/<class>/ with test/ or "
-                        "val/; pass --download to fetch it") from None
-    return train_set, val_set, NUM_CLASSES[dataset]
-
-
-def dataset_identity(ds) -> dict:
-    """What identifies a data set for a resumed run: its size and a sha256 of its file list
-    (an image folder: paths relative to its root, with labels) or of its pixels and labels
-    (torchvision CIFAR). A moved or copied folder matches; another folder does not."""
-    h = hashlib.sha256()
-    if hasattr(ds, "samples") and hasattr(ds, "root"):          # ImageFolder
-        for path, label in ds.samples:
-            rel = os.path.relpath(path, ds.root).replace(os.sep, "/")
-            h.update(f"{rel}\t{label}\n".encode())
-    elif hasattr(ds, "data") and hasattr(ds, "targets"):          # torchvision CIFAR
-        h.update(np.ascontiguousarray(ds.data).tobytes())
-        h.update(np.asarray(ds.targets, np.int64).tobytes())
-    else:
-        raise TypeError(f"dataset_identity: cannot identify a {type(ds).__name__}")
-    return {"images": len(ds), "sha256": h.hexdigest()}
-
-
-def subset_indices(size: int, n: Optional[int], seed: int = 0) -> Optional[List[int]]:
-    """The indices of subset(): the first n of a seeded permutation (None: all items)."""
-    if not n or n >= size:
-        return None
-    g = torch.Generator().manual_seed(seed)
-    return torch.randperm(size, generator=g)[:n].tolist()
-
-
-def _first_missing(path: str) -> Optional[str]:
-    """The topmost folder of `path` that does not exist yet (None if `path` exists)."""
-    path, missing = os.path.abspath(path), None
-    while not os.path.exists(path):
-        path, missing = os.path.dirname(path), path
-    return missing
-
-
-def _download_failed(dataset: str, data_loc: str, created: Optional[str],
-                     e: OSError) -> UserError:
-    """The error for a failed --download; removes the folders the attempt created."""
-    if created:
-        shutil.rmtree(created, ignore_errors=True)
-    reason = str(getattr(e, "reason", "") or e).strip().splitlines()
-    return UserError(f"could not download {dataset} into {data_loc} "
-                     f"({reason[0] if reason else type(e).__name__}): check the network, or "
-                     "fetch it elsewhere and pass its folder as --data_loc")
-
-
-def subset(ds, n: Optional[int], seed: int = 0):
-    """A fixed random subset of n items (all when n is None or >= len)."""
-    idx = subset_indices(len(ds), n, seed)
-    return ds if idx is None else torch.utils.data.Subset(ds, idx)
-
-
-# --------------------------------------------------------------------------------------------
-# Losses for students: attention transfer and knowledge distillation, as the original.
-# --------------------------------------------------------------------------------------------
-
-def at(x: torch.Tensor) -> torch.Tensor:
-    """Attention map: (n, c, h, w) -> (n, h*w), the channel mean of x^2, L2-normalised."""
-    return F.normalize(x.pow(2).mean(1).flatten(1))
-
-
-def at_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (at(x) - at(y)).pow(2).mean()
-
-
-def distillation(y, teacher_scores, labels, T: float, alpha: float) -> torch.Tensor:
-    """Hinton KD: alpha * 2T^2 * KL(teacher || student at T) + (1 - alpha) * CE."""
-    kd = F.kl_div(F.log_softmax(y / T, dim=1), F.softmax(teacher_scores / T, dim=1),
-                  reduction="batchmean")
-    return kd * (T * T * 2.0 * alpha) + F.cross_entropy(y, labels) * (1.0 - alpha)
-
-
-def dkd_loss(student_logits, teacher_logits, targets, alpha: float = 1.0, beta: float = 8.0,
-             temperature: float = 4.0) -> torch.Tensor:
-    """Decoupled KD (Zhao et al., CVPR 2022) without its cross-entropy and warm-up:
-    alpha * TCKD + beta * NCKD, each a KL(teacher || student) at temperature T, times T^2,
-    averaged over the batch. TCKD compares the binary (target, all other classes) split of the
-    softened probabilities; NCKD the distribution over the non-target classes only."""
-    T = temperature
-    n, c = student_logits.shape
-    is_target = F.one_hot(targets, c).bool()
-    # binary split in log space (stable where the rest has almost no mass): (n, 2)
-    def split(z):
-        log_p = F.log_softmax(z / T, dim=1)
-        return torch.stack([log_p[is_target], log_p.masked_fill(is_target, -math.inf)
-                            .logsumexp(1)], 1)
-    tckd = F.kl_div(split(student_logits), split(teacher_logits), reduction="batchmean",
-                    log_target=True)
-    # the non-target classes, target column removed: (n, c - 1)
-    others_s, others_t = (z[~is_target].view(n, c - 1) / T
-                          for z in (student_logits, teacher_logits))
-    nckd = F.kl_div(F.log_softmax(others_s, 1), F.log_softmax(others_t, 1),
-                    reduction="batchmean", log_target=True)
-    return (alpha * tckd + beta * nckd) * (T * T)
-
-
-def _row_pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Pearson correlation of each row of a with the same row of b: (n, k) -> (n,)."""
-    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
-    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
-
-
-def dist_loss(student_logits, teacher_logits, beta: float = 1.0, gamma: float = 1.0,
-              temperature: float = 1.0) -> torch.Tensor:
-    """DIST (Huang et al., NeurIPS 2022): with p = softmax(z / T) per sample, inter = 1 - mean
-    Pearson correlation of student and teacher rows (each sample's class scores), intra = the
-    same over columns (each class's scores across the batch); T^2 * (beta*inter + gamma*intra)."""
-    T = temperature
-    p_s, p_t = F.softmax(student_logits / T, 1), F.softmax(teacher_logits / T, 1)
-    inter = 1 - _row_pearson(p_s, p_t).mean()
-    intra = 1 - _row_pearson(p_s.t(), p_t.t()).mean()
-    return (beta * inter + gamma * intra) * (T * T)
-
-
-# Distillation terms for `main.py student --distill a+b`: the loss is cross-entropy plus the
-# sum of the named terms. A term is fn(student, teacher, targets, hp, epoch) -> scalar, where
-# student/teacher are a network's (logits, group activations), hp holds the run's flags (an
-# argparse namespace) and epoch counts from 1. `flags` are the term's own hyper-parameters,
-# {name: (type, default, help)}: main.py adds them as --name and saves them with the run.
-
-@dataclass(frozen=True)
-class DistillTerm:
-    fn: Callable
-    flags: Dict[str, tuple] = field(default_factory=dict)
-    about: str = ""
-
-
-def _at_term(s, t, targets, hp, epoch):
-    # beta' = beta * 3 / pairs: the original's weighting, tuned for the three WRN groups.
-    # fp32: x^2 can overflow fp16.
-    losses = [at_loss(a.float(), b.float()) for a, b in zip(s[1], t[1])]
-    return hp.beta * 3 / len(losses) * sum(losses)
-
-
-def _kd_term(s, t, targets, hp, epoch):
-    # Hinton KD takes the share alpha of the cross-entropy: CE + this = distillation().
-    T, ce = hp.temperature, F.cross_entropy(s[0], targets)
-    kl = F.kl_div(F.log_softmax(s[0] / T, 1), F.softmax(t[0] / T, 1), reduction="batchmean")
-    return hp.alpha * (2 * T * T * kl - ce)
-
-
-def _dkd_term(s, t, targets, hp, epoch):
-    # linear warm-up over the first dkd_warmup epochs, as mdistiller (epochs count from 1)
-    ramp = min(epoch / hp.dkd_warmup, 1.0) if hp.dkd_warmup > 0 else 1.0
-    return ramp * dkd_loss(s[0], t[0], targets, hp.dkd_alpha, hp.dkd_beta, hp.dkd_temperature)
-
-
-def _dist_term(s, t, targets, hp, epoch):
-    return dist_loss(s[0], t[0], hp.dist_beta, hp.dist_gamma, hp.dist_temperature)
-
-
-DISTILL_TERMS: Dict[str, DistillTerm] = {
-    "at": DistillTerm(_at_term, about="attention transfer (--beta)"),
-    "kd": DistillTerm(_kd_term, about="Hinton KD (--alpha, --temperature)"),
-    "dkd": DistillTerm(_dkd_term, {
-        "dkd_alpha": (float, 1.0, "DKD: weight of TCKD"),
-        "dkd_beta": (float, 6.0, "DKD: weight of NCKD (6: mdistiller's WRN-40-2 teacher configs; "
-                                 "the paper's general CIFAR value is 8)"),
-        "dkd_temperature": (float, 4.0, "DKD: temperature"),
-        "dkd_warmup": (int, 20, "DKD: epochs of linear warm-up of its weight (0: none)")},
-        "decoupled KD"),
-    "dist": DistillTerm(_dist_term, {
-        "dist_beta": (float, 1.0, "DIST: weight of the inter-class (per sample) relation"),
-        "dist_gamma": (float, 1.0, "DIST: weight of the intra-class (per class) relation"),
-        "dist_temperature": (float, 1.0, "DIST: temperature")},
-        "DIST, Pearson-correlation KD"),
-}
-
-# DIST's CIFAR-100 recipe (hunto/image_classification_sota configs/strategies/distill/
-# dist_cifar.yaml, used by hunto/DIST_KD): DIST(beta=1, gamma=1, tau=4) with loss weight 2 beside
-# cross-entropy weight 1, i.e. beta = gamma = 2, T = 4. main.py's --dist_cifar selects it.
-DIST_CIFAR = {"dist_beta": 2.0, "dist_gamma": 2.0, "dist_temperature": 4.0}
-
-
-def parse_distill(spec: str) -> List[str]:
-    """'at+dkd' -> ['at', 'dkd']; UserError for an unknown or repeated name."""
-    names = spec.split("+")
-    for name in names:
-        if name not in DISTILL_TERMS:
-            raise UserError(f"--distill {spec}: unknown method {name!r}; choose from "
-                            f"{', '.join(DISTILL_TERMS)} or a sum such as at+dkd")
-    if len(set(names)) < len(names):
-        raise UserError(f"--distill {spec} names a method twice")
-    return names
-
-
-def distill_loss(names: Sequence[str], student, teacher, targets, hp, epoch: int = 1):
-    """Cross-entropy + the sum of the named DISTILL_TERMS. student/teacher: (logits, acts)."""
-    s, t = (student[0].float(), student[1]), (teacher[0].float(), teacher[1])
-    loss = F.cross_entropy(s[0], targets)
-    for name in names:
-        loss = loss + DISTILL_TERMS[name].fn(s, t, targets, hp, epoch)
-    return loss
-
-
 # --------------------------------------------------------------------------------------------
 # Fisher potential (Theis et al. 2018, as BlockSwap). For residual block b with branch output
 # a (n, c, h, w) -- after the branch's last conv, before the shortcut is added -- and
@@ -568,11 +57,6 @@ def distill_loss(names: Sequence[str], student, teacher, targets, hp, epoch: int
 # for the call, so autograd records nothing before the first branch output and computes no
 # weight gradient; torch.autograd.grad hands back dL/da without touching any `.grad`.
 # --------------------------------------------------------------------------------------------
-
-def logits_of(output) -> torch.Tensor:
-    """Our networks return (logits, activations); plain modules return logits."""
-    return output[0] if isinstance(output, (tuple, list)) else output
-
 
 @contextlib.contextmanager
 def scoring_mode(net: nn.Module, freeze: bool = False):
@@ -848,3 +332,37 @@ def sample_genotypes(table, n: int, budget: Budget = Budget(), seed: int = 0,
     sample_codes. An infeasible budget raises UserError stating the feasible range."""
     codes = sample_codes(table, n, budget, seed, distinct, progress)
     return [[table.names[t] for t in row] for row in codes]
+
+
+class QuantisedLatency:
+    """A latency table in integer units of unit_ms, for funcs.WindowCounts.
+
+    units[i, t] = round(ms[i, t] / unit_ms); base = round(fixed_ms / unit_ms); the goal's
+    window is budget_window(goal_ms / unit_ms, tol) on the sum of units."""
+
+    def __init__(self, table, goal_ms: float):   # table: latency.LatencyTable
+        if not goal_ms > 0:
+            raise UserError(f"--latency_goal must be a positive number of ms, got {goal_ms}")
+        self.table, self.goal_ms = table, float(goal_ms)
+        self.unit_ms = self.goal_ms / (100 * (table.n_positions + 1))
+        self.units = np.rint(table.ms / self.unit_ms).astype(np.int64)
+        self.base = int(round(table.fixed_ms / self.unit_ms))
+
+    def window(self, tol: float):
+        return budget_window(self.goal_ms / self.unit_ms, tol)
+
+    def units_many(self, codes: np.ndarray) -> np.ndarray:
+        return self.base + self.units[np.arange(len(self.units)), codes].sum(1)
+
+    def in_window(self, codes: np.ndarray, tol: float) -> np.ndarray:
+        lo, hi = self.window(tol)
+        u = self.units_many(codes)
+        return (u >= lo) & (u <= hi)
+
+    def infeasible(self, tol: float) -> UserError:
+        lo, hi = self.table.range_ms()
+        return UserError(
+            f"no genotype has a predicted latency within +-{tol:.1%} of {self.goal_ms:g} ms "
+            f"on {self.table.key.describe()}: this network's genotypes take {lo:.3g} to "
+            f"{hi:.3g} ms there, so the goal must lie between {lo / (1 + tol):.3g} and "
+            f"{hi / (1 - tol):.3g} ms")

@@ -7,7 +7,9 @@ gradients, at the table's batch size and thread count. Positions of one group pa
 share their geometry (models.blocks.BlockSlot), so each distinct slot is timed once.
 
 A table is cached as a CSV named after, and holding, what it depends on: network family,
-device name, torch version, threads, batch size. It is reused when those match.
+device name, torch version, threads, batch size, clock, and the runtime that ran the items
+(RUNTIMES: eager torch, or each item exported to ONNX and run in onnxruntime, with its
+version). It is reused when those match.
 
 For the exact sampler (funcs.WindowCounts, which works on integers) the table is quantised to
 a unit of goal / (100 (positions + 1)): rounding each of the positions + 1 entries moves a sum
@@ -29,9 +31,9 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
-from funcs import atomic_write, budget_window
+from cli import progress as progress_bar
+from files import atomic_write
 from models.archs import Network
 from models.blocks import SEARCH_SPACE, BlockSlot, UserError, get_block_type, make_block
 
@@ -51,6 +53,45 @@ CALIBRATION = 16   # random whole networks the table's scale is fitted on
 # (shorter than a slice) do not, and the sum stops predicting the whole. With one thread,
 # CPU time is the wall time an idle machine would show. CUDA is always timed by the wall.
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+# --------------------------------------------------------------------------------------------
+# Runtimes: what runs a timed module
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LatencyRuntime:
+    """What runs the timed modules. prepare(module, shape, timing) -> a callable of an input
+    batch on timing.device (shape: the input without the batch dimension); made once per item
+    and reused by every pass. version() names the runtime in a table's key ('torch': its
+    version is the key's torch field)."""
+    prepare: Callable
+    version: Callable[[], str]
+
+
+def _torch_prepare(module: nn.Module, shape, timing) -> Callable:
+    return module.to(timing.device).eval()
+
+
+def _onnxruntime_prepare(module: nn.Module, shape, timing) -> Callable:
+    if timing.device.type != "cpu":
+        raise UserError(f"--latency_runtime onnxruntime times on the CPU (the installed "
+                        f"onnxruntime runs there), not on {timing.device}; pass "
+                        "--latency_device cpu")
+    from onnx_export import ort_callable   # here: onnx loads only for onnxruntime tables
+    # torch's thread count when none is asked for, so both runtimes get the same threads
+    return ort_callable(module, shape, timing.threads or torch.get_num_threads())
+
+
+def _onnxruntime_version() -> str:
+    import onnxruntime
+    return f"onnxruntime-{onnxruntime.__version__}"
+
+
+RUNTIMES: Dict[str, LatencyRuntime] = {
+    "torch": LatencyRuntime(_torch_prepare, lambda: "torch"),
+    "onnxruntime": LatencyRuntime(_onnxruntime_prepare, _onnxruntime_version),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,18 +183,27 @@ def _confirmed(times: Sequence[float], agree: float) -> bool:
 @dataclass(frozen=True)
 class Timing:
     """How latency is timed: on which device, at which batch size and thread count (None:
-    torch's own), by which clock (CLOCKS), with how many warm-up and timed calls per item."""
+    torch's own), by which clock (CLOCKS), with how many warm-up and timed calls per item,
+    in which runtime (RUNTIMES)."""
     device: torch.device
     batch: int = 1
     threads: Optional[int] = None
     clock: str = "wall"
     warmup: int = WARMUP
     repeats: int = REPEATS
+    runtime: str = "torch"
 
     def __post_init__(self):
         object.__setattr__(self, "device", torch.device(self.device))
         if self.clock not in CLOCKS:
             raise UserError(f"unknown latency clock {self.clock!r}; valid: " + ", ".join(CLOCKS))
+        if self.runtime not in RUNTIMES:
+            raise UserError(f"unknown latency runtime {self.runtime!r}; valid: "
+                            + ", ".join(RUNTIMES))
+
+    def prepare(self, module: nn.Module, shape: Sequence[int]) -> Callable:
+        """`module` made ready to time in this runtime, on inputs of `shape` (no batch)."""
+        return RUNTIMES[self.runtime].prepare(module, tuple(shape), self)
 
     def time(self, fn: Callable, shape: Sequence[int]) -> float:
         """Median ms of fn on a random batch of `shape` (without the batch dimension)."""
@@ -168,9 +218,43 @@ class Timing:
 
 def measure_network_ms(net: nn.Module, image_size: int, timing: Timing) -> float:
     """Measured latency of a whole network (eval mode, no grad), median of timing.repeats."""
-    net = net.to(timing.device).eval()
+    shape = (3, image_size, image_size)
     with thread_count(timing.threads):
-        return timing.time(net, (3, image_size, image_size))
+        return timing.time(timing.prepare(net, shape), shape)
+
+
+def measure_networks_ms(nets: Sequence[nn.Module], image_size: int, timing: Timing,
+                        progress: Optional[Callable] = None) -> List[float]:
+    """measure_network_ms of each network, the fastest of agreeing passes (fastest_of_passes);
+    each network is prepared for the runtime once, before its first pass."""
+    shape = (3, image_size, image_size)
+    with thread_count(timing.threads):
+        run = _prepared(lambda i: timing.prepare(nets[i], shape))
+        return fastest_of_passes(lambda i: timing.time(run(i), shape), range(len(nets)),
+                                 progress=progress)
+
+
+def time_side_by_side(runs: Dict[str, Callable], x: torch.Tensor,
+                      timing: Timing) -> Dict[str, float]:
+    """{name: ms} of callables that take the same input `x` (its batch is the one timed),
+    with timing's threads, clock and calls, the fastest of agreeing passes over all of them
+    in turn: how export.py sets eager torch beside onnxruntime."""
+    names = list(runs)
+    with thread_count(timing.threads):
+        return dict(zip(names, fastest_of_passes(
+            lambda n: time_ms(runs[n], x, timing.warmup, timing.repeats, timing.clock), names)))
+
+
+def _prepared(prepare: Callable) -> Callable:
+    """prepare(item), made on the first call for an item and reused by every later pass (an
+    onnxruntime item is exported once, not once per pass)."""
+    made = {}
+
+    def get(item):
+        if item not in made:
+            made[item] = prepare(item)
+        return made[item]
+    return get
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,14 +299,17 @@ class TableKey:
     threads: int
     batch: int
     clock: str = "wall"
+    runtime: str = "torch"      # LatencyRuntime.version(): 'torch', 'onnxruntime-1.31.1'
 
     def file_name(self) -> str:
         slug = re.sub(r"[^A-Za-z0-9.]+", "-", self.device).strip("-")
+        runtime = "" if self.runtime == "torch" else f"_{self.runtime}"   # torch: names as before
         return (f"{self.family}_{slug}_torch{self.torch}_t{self.threads}_b{self.batch}_"
-                f"{self.clock}.csv")
+                f"{self.clock}{runtime}.csv")
 
     def describe(self) -> str:
-        return f"{self.device}, batch {self.batch}, {self.threads} threads, {self.clock} clock"
+        return (f"{self.device}, batch {self.batch}, {self.threads} threads, {self.clock} clock"
+                + ("" if self.runtime == "torch" else f", {self.runtime}"))
 
 
 class LatencyTable:
@@ -264,9 +351,6 @@ class LatencyTable:
     def range_ms(self):
         return (self.fixed_ms + self.ms.min(1).sum(), self.fixed_ms + self.ms.max(1).sum())
 
-    def quantise(self, goal_ms: float) -> "QuantisedLatency":
-        return QuantisedLatency(self, goal_ms)
-
     # -- CSV: one row per (part, position, block type), the key's fields on every row --------
 
     def to_frame(self, slots: Sequence[BlockSlot]) -> pd.DataFrame:
@@ -282,9 +366,13 @@ class LatencyTable:
         return df
 
 
-def _time_block(name: str, slot: BlockSlot, timing: Timing) -> float:
+def _block_shape(slot: BlockSlot):
+    return slot.in_planes, slot.size, slot.size
+
+
+def _prepare_block(name: str, slot: BlockSlot, timing: Timing) -> Callable:
     block = make_block(name, slot.in_planes, slot.out_planes, slot.stride)
-    return timing.time(block.to(timing.device).eval(), (slot.in_planes, slot.size, slot.size))
+    return timing.prepare(block, _block_shape(slot))
 
 
 def calibrate(table: LatencyTable, family: Family, timing: Timing, n: int,
@@ -301,8 +389,7 @@ def calibrate(table: LatencyTable, family: Family, timing: Timing, n: int,
     codes = rng.integers(0, len(table.names), (n, table.n_positions))
     summed = table.predict_many(codes)
     nets = [family.build([table.names[t] for t in row]) for row in codes]
-    measured = fastest_of_passes(
-        lambda net: measure_network_ms(net, family.image_size, timing.lighter()), nets)
+    measured = measure_networks_ms(nets, family.image_size, timing.lighter())
     return float(np.median(np.array(measured) / summed))
 
 
@@ -314,15 +401,18 @@ def measure_table(family: Family, names: Sequence[str], timing: Timing, show: bo
         get_block_type(n)
     distinct = list(dict.fromkeys(family.slots))
     with thread_count(timing.threads) as n_threads, \
-            tqdm(total=PASSES * (len(distinct) * len(names) + len(family.fixed)),
-                 disable=not show, desc=f"latency table {family.label} b{timing.batch}") as bar:
+            progress_bar(total=PASSES * (len(distinct) * len(names) + len(family.fixed)),
+                         disable=not show, desc=f"latency table {family.label} b{timing.batch}") as bar:
         parts = list(family.fixed.items())
+        part = _prepared(lambda p: timing.prepare(family.fixed[p][1], family.fixed[p][0]))
         fixed = list(zip([p for p, _ in parts], fastest_of_passes(
-            lambda part: timing.time(part[1][1].to(timing.device).eval(), part[1][0]),
-            parts, progress=bar.update)))
+            lambda p: timing.time(part(p), family.fixed[p][0]), [p for p, _ in parts],
+            progress=bar.update)))
         items = [(slot, n) for slot in distinct for n in names]
+        block = _prepared(lambda item: _prepare_block(item[1], item[0], timing))
         per_slot = dict(zip(items, fastest_of_passes(
-            lambda item: _time_block(item[1], item[0], timing), items, progress=bar.update)))
+            lambda item: timing.time(block(item), _block_shape(item[0])), items,
+            progress=bar.update)))
         ms = np.array([[per_slot[s, n] for n in names] for s in family.slots])
         table = LatencyTable(table_key(family, timing, n_threads), names, ms, fixed)
         bar.set_postfix_str(f"calibrating on {calibration} networks")
@@ -332,7 +422,7 @@ def measure_table(family: Family, names: Sequence[str], timing: Timing, show: bo
 
 def table_key(family: Family, timing: Timing, n_threads: int) -> TableKey:
     return TableKey(family.label, device_name(timing.device), torch.__version__, n_threads,
-                    timing.batch, timing.clock)
+                    timing.batch, timing.clock, RUNTIMES[timing.runtime].version())
 
 
 def read_table(path: str, key: TableKey, names: Sequence[str],
@@ -342,6 +432,8 @@ def read_table(path: str, key: TableKey, names: Sequence[str],
         return None
     try:
         df = pd.read_csv(path, keep_default_na=False)
+        if "runtime" not in df:   # written before the runtime joined the key: eager torch
+            df["runtime"] = "torch"
         if any(str(df[k].iloc[0]) != str(v) or df[k].nunique() != 1
                for k, v in vars(key).items()):
             return None
@@ -360,8 +452,8 @@ def read_table(path: str, key: TableKey, names: Sequence[str],
 def load_or_measure(family: Family, names: Sequence[str], timing: Timing,
                     cache_dir: str = "results/latency", show: bool = True,
                     calibration: int = CALIBRATION) -> LatencyTable:
-    """The cached table for (family, device, torch, threads, batch, clock), measured if absent
-    or if the cached file's facts differ."""
+    """The cached table for (family, device, torch, threads, batch, clock, runtime), measured
+    if absent or if the cached file's facts differ."""
     with thread_count(timing.threads) as n_threads:
         pass
     key = table_key(family, timing, n_threads)
@@ -381,47 +473,22 @@ def load_or_measure(family: Family, names: Sequence[str], timing: Timing,
 # Integer costs for the exact sampler
 # --------------------------------------------------------------------------------------------
 
-class QuantisedLatency:
-    """A latency table in integer units of unit_ms, for funcs.WindowCounts.
-
-    units[i, t] = round(ms[i, t] / unit_ms); base = round(fixed_ms / unit_ms); the goal's
-    window is budget_window(goal_ms / unit_ms, tol) on the sum of units."""
-
-    def __init__(self, table: LatencyTable, goal_ms: float):
-        if not goal_ms > 0:
-            raise UserError(f"--latency_goal must be a positive number of ms, got {goal_ms}")
-        self.table, self.goal_ms = table, float(goal_ms)
-        self.unit_ms = self.goal_ms / (100 * (table.n_positions + 1))
-        self.units = np.rint(table.ms / self.unit_ms).astype(np.int64)
-        self.base = int(round(table.fixed_ms / self.unit_ms))
-
-    def window(self, tol: float):
-        return budget_window(self.goal_ms / self.unit_ms, tol)
-
-    def units_many(self, codes: np.ndarray) -> np.ndarray:
-        return self.base + self.units[np.arange(len(self.units)), codes].sum(1)
-
-    def in_window(self, codes: np.ndarray, tol: float) -> np.ndarray:
-        lo, hi = self.window(tol)
-        u = self.units_many(codes)
-        return (u >= lo) & (u <= hi)
-
-    def infeasible(self, tol: float) -> UserError:
-        lo, hi = self.table.range_ms()
-        return UserError(
-            f"no genotype has a predicted latency within +-{tol:.1%} of {self.goal_ms:g} ms "
-            f"on {self.table.key.describe()}: this network's genotypes take {lo:.3g} to "
-            f"{hi:.3g} ms there, so the goal must lie between {lo / (1 + tol):.3g} and "
-            f"{hi / (1 - tol):.3g} ms")
-
-
 def parse_table_device(name: Optional[str], default: str) -> torch.device:
     """--latency_device: a torch device string, else the search device."""
     try:
-        return torch.device(name or default)
+        device = torch.device(name or default)
     except RuntimeError:
         raise UserError(f"--latency_device {name!r} is not a device (cpu, cuda, cuda:1, mps)") \
             from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and
+                                      (device.index or 0) < torch.cuda.device_count()):
+        raise UserError(f"--latency_device {name or default}: no such CUDA GPU is visible here; "
+                        "time on this machine's CPU (--latency_device cpu), or run on the "
+                        "machine whose GPU the table is for")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--latency_device {name or default}: MPS is not available on this "
+                        "machine; pass --latency_device cpu")
+    return device
 
 
 def add_latency_args(p: argparse.ArgumentParser) -> None:
@@ -435,15 +502,22 @@ def add_latency_args(p: argparse.ArgumentParser) -> None:
                    help="torch threads while timing latency (default: torch's own count)")
     g.add_argument("--latency_clock", default="wall", choices=list(CLOCKS),
                    help="time latency by the wall, or by CPU time (steadier on a shared CPU)")
+    g.add_argument("--latency_runtime", default="torch", choices=list(RUNTIMES),
+                   help="what runs the timed blocks: eager torch, or each block exported to "
+                        "ONNX and run in onnxruntime (on the CPU; see docs/export.md)")
 
 
 def timing_from_args(args, default_device: str = "cpu") -> Timing:
-    """The Timing that --latency_device/--latency_batch/--threads/--latency_clock ask for."""
+    """The Timing that --latency_device/--latency_batch/--threads/--latency_clock/
+    --latency_runtime ask for. onnxruntime tables are timed on the CPU unless told otherwise
+    (the search device, a GPU, is no default for them)."""
     for name in ("latency_batch", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.latency_runtime != "torch":
+        default_device = "cpu"
     return Timing(parse_table_device(args.latency_device, default_device), args.latency_batch,
-                  args.threads, args.latency_clock)
+                  args.threads, args.latency_clock, runtime=args.latency_runtime)
 
 
 def print_latency(args, net: Network, model: nn.Module, cache_dir: str) -> Dict[str, float]:
@@ -457,8 +531,7 @@ def print_latency(args, net: Network, model: nn.Module, cache_dir: str) -> Dict[
     table = load_or_measure(family, names, timing, cache_dir)
     predicted = table.predict(model.genotype)
     # timed as the table's items are: the fastest of passes that agree (slow spells only add)
-    measured = fastest_of_passes(
-        lambda m: measure_network_ms(m, family.image_size, timing), [model])[0]
+    measured = measure_networks_ms([model], family.image_size, timing)[0]
     print(f"latency on {table.key.describe()}: predicted {predicted:.3f} ms  measured "
           f"{measured:.3f} ms  ({(predicted - measured) / measured:+.1%})")
     return {"predicted_ms": predicted, "measured_ms": measured}

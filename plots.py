@@ -24,9 +24,12 @@ from matplotlib.figure import Figure
 from matplotlib.transforms import Bbox
 from matplotlib.ticker import FuncFormatter
 
-from funcs import Budget, HelpFormatter, atomic_write, load_checkpoint, run_cli
+from cli import HelpFormatter, run_cli
+from ensembles import ProxySpec
+from files import atomic_write, load_checkpoint, whole_lines
+from funcs import Budget
 from models.blocks import UserError, count_state_params
-from proxies import PROXIES, ProxySpec, spearman
+from stats import spearman
 
 DPI = 100
 BEST_COLOUR, CLOUD_COLOUR, WINDOW_COLOUR = "tab:red", "tab:blue", "tab:green"
@@ -238,10 +241,7 @@ def read_log(log_path) -> pd.DataFrame:
     else:
         if not os.path.isfile(log_path):
             raise UserError(f"training log {log_path} not found")
-        with open(log_path, errors="replace") as f:
-            text = f.read()
-        if text and not text.endswith("\n"):
-            text = text[:text.rfind("\n") + 1]     # the line a kill interrupted
+        text = whole_lines(log_path, repair=False)   # a reader leaves the file as it is
         try:
             df = pd.read_csv(io.StringIO(text), on_bad_lines="skip")
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
@@ -431,11 +431,22 @@ def plot_sweep(table, out_png: str) -> str:
 # A proxy study: each proxy's score against trained validation error
 # --------------------------------------------------------------------------------------------
 
+# Columns of a study table that are not proxy scores (study.py writes index, convs, params,
+# macs, the proxies, score replicas 'name@r', per-seed errors 'val_error_r', val_error, seconds).
+NOT_PROXIES = ("index", "convs", "macs", "latency_ms", "train_seconds")
+
+
+def study_proxies(df: pd.DataFrame, error: str) -> list:
+    """The proxy columns of a study table (params counts as a proxy)."""
+    return [c for c in df.columns if c not in NOT_PROXIES and "@" not in str(c)
+            and not str(c).startswith(error) and pd.api.types.is_numeric_dtype(df[c])]
+
+
 def plot_study(df, out_png: str, error: str = "val_error", proxies=None) -> str:
     """One panel per proxy: score vs trained error, Spearman rho in the title (a good proxy is
     strongly negative: higher score, lower error)."""
     df = read_table(df, "study table", [error])
-    names = list(proxies) if proxies else [p for p in PROXIES if p in df.columns]
+    names = list(proxies) if proxies else study_proxies(df, error)
     missing = [p for p in names if p not in df.columns]
     if not names or missing:
         raise UserError(f"study table: no column for proxy {', '.join(missing) or 'any'}; "
@@ -492,8 +503,18 @@ def get_args_parser():
     return parser
 
 
+def default_out(what: str, path: str) -> str:
+    """The picture beside the input: <name>.png for a training log <name>.log.csv (main.py's
+    own name for it), <folder>/sweep.png for a checkpoint folder, else PATH with .png."""
+    if what == "sweep" and os.path.isdir(path):
+        return os.path.join(path, "sweep.png")
+    if what == "training" and path.endswith(".log.csv"):
+        return path[:-len(".log.csv")] + ".png"
+    return os.path.splitext(path)[0] + ".png"
+
+
 def main(args):
-    out = args.out or os.path.splitext(args.path)[0] + ".png"
+    out = args.out or default_out(args.what, args.path)
     image_format(out)   # a bad -o suffix fails before anything is written
     if args.what == "search":
         path = plot_search(args.path, out, args.score, {k: getattr(args, k) for k in GOALS})
@@ -508,7 +529,6 @@ def main(args):
             print(table.to_string(index=False))
             print(f"wrote {csv_path}")
             warn_unfinished(table)
-            out = args.out or os.path.join(args.path, "sweep.png")
         path = plot_sweep(table, out)
     else:
         path = plot_study(args.path, out, error=args.error)

@@ -15,6 +15,7 @@ torch.autograd.grad, never .backward()).
 Fisher potential (BlockSwap's own proxy) stays the default of fisher_rank.py; the others let a
 user compare proxies on the same candidates (see `spearman` for the rank correlation).
 """
+import argparse
 import copy
 from typing import Callable, Dict, List
 
@@ -24,9 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from models.blocks import count_params
-from funcs import fisher_scores, logits_of, scoring_mode
-from models.blocks import UserError
+from ensembles import ProxySpec
+from funcs import fisher_scores, scoring_mode
+from models.blocks import UserError, count_params, logits_of
 
 Proxy = Callable[[nn.Module, torch.Tensor, torch.Tensor], float]
 PROXIES: Dict[str, Proxy] = {}
@@ -340,116 +341,15 @@ def swap(net, inputs, targets) -> float:
     return float(len(unique))
 
 
-# --------------------------------------------------------------------------------------------
-# Rank correlation, for the proxy study
-# --------------------------------------------------------------------------------------------
-
-def rankdata(x) -> np.ndarray:
-    """Ranks 1..n, ties given the average of the ranks they span (scipy's 'average')."""
-    x = np.asarray(x, dtype=float)
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(1, len(x) + 1)
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=ranks)
-    return sums[inverse] / counts[inverse]
+def proxy_spec(text: str) -> ProxySpec:
+    """A --proxy list parsed once, its names checked against the registered proxies."""
+    return ProxySpec(text, PROXIES)
 
 
-def spearman(x, y) -> float:
-    """Spearman's rho: the Pearson correlation of the average ranks. NaN when either side is
-    constant or there are fewer than two points (as scipy.stats.spearmanr)."""
-    x, y = np.asarray(x, dtype=float).ravel(), np.asarray(y, dtype=float).ravel()
-    if len(x) != len(y):
-        raise ValueError(f"spearman: {len(x)} x values but {len(y)} y values")
-    if len(x) < 2:
-        return float("nan")
-    rx, ry = rankdata(x), rankdata(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = np.sqrt((rx * rx).sum() * (ry * ry).sum())
-    return float((rx * ry).sum() / denom) if denom > 0 else float("nan")
-
-
-def kendall(x, y) -> float:
-    """Kendall's tau-b (ties in either variable corrected, as scipy.stats.kendalltau). NaN when
-    either side is constant or there are fewer than two points."""
-    x, y = np.asarray(x, dtype=float).ravel(), np.asarray(y, dtype=float).ravel()
-    if len(x) != len(y):
-        raise ValueError(f"kendall: {len(x)} x values but {len(y)} y values")
-    if len(x) < 2:
-        return float("nan")
-    dx = np.sign(x[:, None] - x[None, :])                  # (n, n) pairwise orders
-    dy = np.sign(y[:, None] - y[None, :])
-    upper = np.triu_indices(len(x), k=1)
-    dx, dy = dx[upper], dy[upper]
-    denom = np.sqrt((dx != 0).sum() * (dy != 0).sum())
-    return float((dx * dy).sum() / denom) if denom > 0 else float("nan")
-
-
-# --------------------------------------------------------------------------------------------
-# Ensembles and proxy lists: `--proxy fisher,synflow,vote,rank:snip+meco`
-# --------------------------------------------------------------------------------------------
-# An ensemble is computed from the per-proxy columns of the scored candidates (it is a ranking
-# of the candidates, so it exists only for a set of them, never for one network alone).
-
-VOTE = ("synflow", "jacob_cov", "snip")   # zero-cost-nas's majority vote
-
-
-def finite(scores) -> np.ndarray:
-    """Scores as floats, NaN as -inf: a failed score ranks last (argsort would put NaN first)."""
-    s = np.asarray(scores, dtype=float)
-    return np.where(np.isnan(s), -np.inf, s)
-
-
-def vote_scores(columns) -> np.ndarray:
-    """Majority vote (zero-cost-nas, Abdelfattah et al. 2021): candidate a beats b when more
-    than half of the proxies score a above b. zero-cost-nas only measures the pairwise accuracy
-    of that vote; to rank, each candidate's score is its number of wins (a Copeland count)."""
-    cols = [finite(c) for c in columns]
-    above = sum((c[:, None] > c[None, :]).astype(int) for c in cols)   # (n, n) proxies for a>b
-    return (above * 2 > len(cols)).sum(1).astype(float)
-
-
-def mean_rank_scores(columns) -> np.ndarray:
-    """Mean over the proxies of each candidate's rank (1 = lowest score; ties averaged)."""
-    return np.mean([rankdata(finite(c)) for c in columns], axis=0)
-
-
-def members(item: str):
-    """The proxies an ensemble item combines ('vote', 'rank:a+b'), or None for a proxy name."""
-    if item == "vote":
-        return VOTE
-    if item.startswith("rank:"):
-        names = tuple(n for n in item[len("rank:"):].split("+") if n)
-        if len(names) < 2:
-            raise UserError(f"{item!r}: a rank ensemble needs two proxies or more, "
-                            "e.g. rank:synflow+jacob_cov")
-        return names
-    return None
-
-
-class ProxySpec:
-    """A parsed --proxy value: `items` in the order given (the first ranks), `columns` the
-    proxies to score (each once, in order of appearance), `label` for file names."""
-
-    def __init__(self, text: str):
-        self.text = text
-        self.items = [t.strip() for t in str(text).split(",") if t.strip()]
-        if not self.items:
-            raise UserError("--proxy is empty: name a proxy, e.g. fisher")
-        columns = []
-        for item in self.items:
-            for name in members(item) or (item,):
-                get_proxy(name)
-                if name not in columns:
-                    columns.append(name)
-        self.columns = columns
-        self.ranker = self.items[0]
-        self.label = "_".join(self.items).replace(":", "-")
-
-    def scores(self, item: str, table) -> np.ndarray:
-        """One item's scores for the candidates whose per-proxy columns `table` holds."""
-        names = members(item)
-        if names is None:
-            return np.asarray(table[item], dtype=float)
-        cols = [table[n] for n in names]
-        return vote_scores(cols) if item == "vote" else mean_rank_scores(cols)
+def proxy_arg(text: str) -> str:
+    """argparse type of --proxy: names and ensembles checked at parse time (proxy_spec)."""
+    try:
+        proxy_spec(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text

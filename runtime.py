@@ -182,3 +182,17 @@ def with_precision(rt: Runtime, amp: str, no_channels_last: bool = False,
     amp_dtype, channels_last = resolve_precision(rt.device, amp, no_channels_last)
     return dataclasses.replace(rt, amp_dtype=amp_dtype, channels_last=channels_last,
                                compile=compile)
+
+
+def all_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    if rt.world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def sync_buffers(model: nn.Module, rt: Runtime) -> None:
+    """DDP keeps rank 0's BatchNorm statistics (broadcast before each forward); give them to
+    every process before an evaluation that runs outside DDP."""
+    if rt.world > 1:
+        for b in model.buffers():
+            dist.broadcast(b, 0)

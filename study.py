@@ -1,12 +1,12 @@
 """Does the proxy predict trained accuracy on *your* data? A small rank-correlation study.
 
 Samples K genotypes at a budget, scores each with every zero-cost proxy on one fixed minibatch
-(same initialisation for every proxy), trains each for a few epochs with main.py, then reports
+(same initialisation for every proxy), trains each for a few epochs (engine.py), then reports
 the Spearman rank correlation between each proxy and the trained validation error (negative
 is good: a higher score should mean a lower error) and draws one scatter panel per proxy.
 
     python study.py cifar10 --data_loc ../shared/data/cifar10-jpeg --wrn_depth 16 --wrn_width 2 \
-        --param_goal 300000 --candidates 24 --epochs 3 --train_subset 5000 --val_subset 2000
+        --param_goal 300000 --candidates 24 --epochs 3 --train_subset 5000
 
 Everything goes to --out (default results/study_<goal>): study.csv (one row per candidate:
 index, convs, params, macs, one column per proxy, val_error, train_seconds; appended and
@@ -15,50 +15,61 @@ checkpoints/ of the trained candidates, and summary.md (the table printed at the
 """
 import argparse
 import csv
-import math
 import os
 import time
 
 import numpy as np
-
 import pandas as pd
 import torch
-from tqdm import tqdm
+from torch.utils.data import Subset
 
-import fisher_rank
-import main as trainer
+from cli import HelpFormatter, at_least, positive, progress, run_cli
 from count_ops import CostTable
-from funcs import (Budget, HelpFormatter, atomic_write, budget_args, check_writable,
-                   format_convs, get_datasets,
-                   run_cli, sample_genotypes, subset, subset_indices)
-from loaders import Augment, augmented_batches, choose_loader, data_args, tensor_images
+from engine import candidate_config, train_candidate
+from ensembles import VOTE
+from files import check_writable, format_convs, pid_lock, whole_lines
+from funcs import Budget, budget_args, sample_genotypes
+from jobs import Job, launch_settings, launcher_args, run_jobs
+from loaders import TensorImages, data_args, get_datasets, subset_indices
 from models import SEARCH_SPACE, Network, UserError, load_block_module, network_args
+from plots import plot_study
+from proxies import PROXIES, get_proxy, proxy_arg, proxy_spec
 from runtime import device_args, pick_device
-from proxies import PROXIES, VOTE, ProxySpec, get_proxy, kendall, spearman
+from search import check_settings as check_search_settings, load_batches, training_images
+from variance import early_check_at, noise_warning, variance_components
+from stats import (batch_kendall, batch_spearman, bootstrap_ci, kendall, permutation_pvalue,
+                   spearman, top_hit, top_hit_rate)
+
+MIN_CANDIDATES = 3       # a rank correlation of fewer is +-1 or undefined
+FEW_CANDIDATES = 10      # below this the intervals are too wide to tell proxies apart
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Rank correlation of zero-cost proxies with "
                                 "trained error", formatter_class=HelpFormatter,
                                 parents=[data_args(), network_args(), budget_args(),
-                                         device_args()])
+                                         device_args(), launcher_args()])
     # A study trains every candidate: a WRN-16-2 space by default, small enough for a CPU.
     p.set_defaults(wrn_depth=16, wrn_width=2)
-    p.add_argument("--candidates", default=24, type=int, help="K genotypes to score and train")
-    p.add_argument("--proxies", default=",".join(PROXIES), help="comma-separated proxy names")
-    p.add_argument("--batch_size", default=128, type=int, help="scoring and training batch")
-    p.add_argument("--epochs", default=3, type=int, help="training epochs per candidate")
-    p.add_argument("--lr", default=0.1, type=float)
-    p.add_argument("--train_subset", default=5000, type=int)
-    p.add_argument("--val_subset", default=2000, type=int)
+    p.add_argument("--candidates", default=24, type=at_least(MIN_CANDIDATES), help="K genotypes to score and train")
+    p.add_argument("--proxies", default=",".join(PROXIES), type=proxy_arg, help="comma-separated proxy names")
+    p.add_argument("--batch_size", default=128, type=at_least(1), help="scoring and training batch")
+    p.add_argument("--epochs", default=3, type=at_least(1), help="training epochs per candidate")
+    p.add_argument("--lr", default=0.1, type=positive())
+    p.add_argument("--train_subset", default=5000, type=at_least(1))
+    p.add_argument("--val_subset", default=None, type=at_least(1),
+                   help="validate on N fixed images (default: the whole test split; at errors near\n                   50%% its own sampling noise is 0.7 points at 5,000 images)")
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--out", default=None, help="output folder (default results/study_<goal>)")
-    p.add_argument("--train_seeds", default=1, type=int,
+    p.add_argument("--train_seeds", default=1, type=at_least(1),
                    help="train every candidate this many times; the mean error is the truth and "
                         "the seed-to-seed rank correlation the noise ceiling")
-    p.add_argument("--score_seeds", default=1, type=int,
+    p.add_argument("--score_seeds", default=1, type=at_least(1),
                    help="score every proxy on this many initialisations (proxy stability)")
-    p.add_argument("--bootstrap", default=1000, type=int, help="resamples for the intervals")
+    p.add_argument("--stop_if_noisy", action="store_true",
+                   help="with --train_seeds >= 2: stop when the early noise estimate predicts a "
+                        "noise ceiling below 0.5 (the study could not rank proxies)")
+    p.add_argument("--bootstrap", default=1000, type=at_least(1), help="resamples for the intervals")
     return p
 
 
@@ -70,23 +81,16 @@ def out_dir(args) -> str:
 
 
 def fixed_minibatch(args, device, data=None):
-    """One seeded training minibatch: every candidate and proxy sees the same images.
-    `data`: get_datasets' answer, when already read."""
+    """One seeded training minibatch of the study's training images (the --train_subset the
+    candidates train on): every candidate and proxy sees the same images (search.load_batches,
+    the search's own rule). `data`: get_datasets' answer, when already read."""
     train_set, _, num_classes = data or get_datasets(args.dataset, args.data_loc)
-    if choose_loader(args.loader, args.dataset, [train_set]) == "tensor":
-        data = tensor_images(train_set, args.workers, args.cache_dir)
-        data = data.subset(subset_indices(len(data), args.train_subset, args.seed)).to(device)
-        g = torch.Generator().manual_seed(args.seed)
-        idx = torch.randperm(len(data), generator=g)[:args.batch_size]
-        (x, y), = augmented_batches(data, idx, args.batch_size,
-                                    Augment.for_dataset(args.dataset), g)
-        return x, y, num_classes
-    g = torch.Generator().manual_seed(args.seed)
-    loader = torch.utils.data.DataLoader(subset(train_set, args.train_subset, args.seed),
-                                         batch_size=args.batch_size, shuffle=True, generator=g)
-    torch.manual_seed(args.seed)          # the random crops and flips of that batch
-    x, y = next(iter(loader))
-    return x.to(device), y.to(device), num_classes
+    images = training_images(args, train_set, device)
+    idx = subset_indices(len(images), args.train_subset, args.seed)
+    if idx is not None:
+        images = images.subset(idx) if isinstance(images, TensorImages) else Subset(images, idx)
+    (x, y), = load_batches(images, args, args.seed, device)
+    return x, y, num_classes
 
 
 def score(args, genotype, index, names, batch, device, replica=0) -> dict:
@@ -101,32 +105,29 @@ def score(args, genotype, index, names, batch, device, replica=0) -> dict:
     return scores
 
 
-def train(args, genotype, index, folder, replica=0) -> float:
-    """Train one candidate with main.py (cross-entropy, cosine schedule); its val error (%).
+def train_config(args, genotype, index, folder, replica=0):
+    """The training of one candidate (cross-entropy, cosine schedule, as main.py's teacher).
     Replica r > 0 (--train_seeds): the same candidate with another training seed."""
     name = f"candidate_{index}" + (f"_seed{replica}" if replica else "")
-    return trainer.train_genotype(genotype, folder, name, dict(
-        dataset=args.dataset, data_loc=args.data_loc, arch=args.arch,
-        wrn_depth=args.wrn_depth, wrn_width=args.wrn_width, epochs=args.epochs, lr=args.lr,
-        batch_size=args.batch_size, train_subset=args.train_subset,
-        val_subset=args.val_subset, workers=args.workers,
+    return candidate_config(
+        genotype, folder, name, dataset=args.dataset, data_loc=args.data_loc, arch=args.arch,
+        wrn_depth=args.wrn_depth, wrn_width=args.wrn_width, module=args.module,
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+        train_subset=args.train_subset, val_subset=args.val_subset, workers=args.workers,
         seed=args.seed + index + REPLICA_STRIDE * replica,
         subset_seed=args.seed,      # every candidate and seed: the same images
-        device=args.device, loader=args.loader, cache_dir=args.cache_dir, module=args.module))
+        device=args.device, loader=args.loader, cache_dir=args.cache_dir)
 
 
 def read_done(path, columns):
     """{index: row} of the candidates already in study.csv. A file that is missing or empty
     (killed before its first row) starts afresh with the header; a torn last line (killed
     mid-write) is dropped. The file then holds the header and whole rows only."""
-    text = open(path).read() if os.path.isfile(path) else ""
-    lines = text.splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        lines = lines[:-1]
+    lines = whole_lines(path).splitlines(keepends=True)
     if not lines:
+        with open(path, "w") as f:
+            f.write(",".join(columns) + "\n")
         lines = [",".join(columns) + "\n"]
-    if "".join(lines) != text:
-        atomic_write(path, lambda f: f.write("".join(lines).encode()))
     rows = list(csv.reader(lines))
     if rows[0] != columns:
         raise UserError(f"{path} has columns {rows[0]}, this study writes {columns}; "
@@ -135,19 +136,7 @@ def read_done(path, columns):
     if bad:
         raise UserError(f"{path}: line {bad[0]} does not have {len(columns)} fields; "
                         "remove it to resume")
-    return {int(r[0]): dict(zip(columns, r)) for r in rows[1:]}
-
-
-def validate(args) -> None:
-    """Refuse out-of-range numbers before anything is written."""
-    for key in ("candidates", "epochs", "batch_size", "train_subset", "val_subset",
-                "train_seeds", "score_seeds", "bootstrap"):
-        if getattr(args, key) < 1:
-            raise UserError(f"--{key} {getattr(args, key)}: must be at least 1")
-    if not args.lr > 0:
-        raise UserError(f"--lr {args.lr}: must be a positive number")
-    if not 0 < args.tol < 1:
-        raise UserError(f"--tol {args.tol}: must be strictly between 0 and 1")
+    return {int(r[0]): dict(zip(columns, r)) for r in rows[1:]}   # unique by index
 
 
 def check_settings(folder, args):
@@ -157,80 +146,11 @@ def check_settings(folder, args):
                 if k not in ("workers", "device", "out", "cache_dir", "bootstrap", "download")
                 and not (k in ("train_seeds", "score_seeds") and v == 1)   # old studies resume
                 and not (k == "tol" and v == 0.025)}
-    fisher_rank.check_settings(os.path.join(folder, "settings.json"), settings)
+    check_search_settings(os.path.join(folder, "settings.json"), settings)
 
 
 REPLICA_STRIDE = 1000            # seed offset of training/scoring replica r: seed + index + 1000 r
 LOW_CEILING = 0.7                # a seed-to-seed rank correlation below this: ranking on noise
-
-
-def batch_ranks(a: np.ndarray) -> np.ndarray:
-    """Average ranks (1..n, ties averaged) of every row of a (B, n) array, by pairwise counts."""
-    below = (a[:, None, :] < a[:, :, None]).sum(-1)
-    same = (a[:, None, :] == a[:, :, None]).sum(-1)
-    return below + (same + 1) / 2
-
-
-def batch_spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Spearman's rho of each row pair of two (B, n) arrays (NaN where a row is constant)."""
-    rx, ry = batch_ranks(x), batch_ranks(y)
-    rx, ry = rx - rx.mean(1, keepdims=True), ry - ry.mean(1, keepdims=True)
-    denom = np.sqrt((rx * rx).sum(1) * (ry * ry).sum(1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, (rx * ry).sum(1) / denom, np.nan)
-
-
-def batch_kendall(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Kendall's tau-b of each row pair of two (B, n) arrays (each pair counted twice)."""
-    dx = np.sign(x[:, :, None] - x[:, None, :])
-    dy = np.sign(y[:, :, None] - y[:, None, :])
-    denom = np.sqrt((dx != 0).sum((1, 2)) * (dy != 0).sum((1, 2)))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, (dx * dy).sum((1, 2)) / denom, np.nan)
-
-
-def chunked(batch_stat, x, y, chunk=100) -> np.ndarray:
-    """batch_stat over (B, n) arrays in chunks of rows (its memory grows as chunk * n^2)."""
-    return np.concatenate([batch_stat(x[i:i + chunk], y[i:i + chunk])
-                           for i in range(0, len(x), chunk)])
-
-
-def bootstrap_ci(batch_stat, x, y, n_boot=1000, seed=0):
-    """95% percentile interval of a statistic over n_boot resamples of the candidates."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    idx = np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x)))
-    values = chunked(batch_stat, x[idx], y[idx])
-    values = values[np.isfinite(values)]
-    return tuple(np.percentile(values, [2.5, 97.5])) if len(values) else (math.nan, math.nan)
-
-
-def permutation_pvalue(x, y, n_perm=2000, seed=0) -> float:
-    """Two-sided p-value of Spearman's rho against shuffled pairings ((hits + 1) / (n + 1))."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    observed = abs(spearman(x, y))
-    if not np.isfinite(observed):
-        return math.nan
-    rng = np.random.default_rng(seed)
-    shuffled = np.stack([rng.permutation(y) for _ in range(n_perm)])
-    hits = (np.abs(chunked(batch_spearman, np.broadcast_to(x, shuffled.shape), shuffled))
-            >= observed - 1e-12).sum()
-    return float((hits + 1) / (n_perm + 1))
-
-
-def top_hit(score, error, frac=0.1) -> bool:
-    """Does the proxy's top `frac` (at least one candidate) contain the lowest-error one?"""
-    score, error = np.asarray(score, float), np.asarray(error, float)
-    k = max(1, math.ceil(frac * len(score)))
-    top = np.argsort(-np.where(np.isnan(score), -np.inf, score), kind="stable")[:k]
-    return bool(np.argmin(error) in top)
-
-
-def top_hit_rate(score, error, frac=0.1, n_boot=1000, seed=0) -> float:
-    """How often top_hit holds over bootstrap resamples (the distinct candidates drawn)."""
-    score, error = np.asarray(score, float), np.asarray(error, float)
-    rng = np.random.default_rng(seed)
-    draws = (np.unique(rng.integers(0, len(score), len(score))) for _ in range(n_boot))
-    return float(np.mean([top_hit(score[i], error[i], frac) for i in draws]))
 
 
 def proxy_row(name, score, error, n_boot, seed=0) -> str:
@@ -260,6 +180,19 @@ def noise_ceiling(df, args):
     return float(np.mean([spearman(df[a], df[b]) for a, b in pairs])) if pairs else None
 
 
+def noise_lines(df, args, predicted) -> list:
+    """The variance components of the whole study beside the early prediction, if any."""
+    if len(df) < 3:
+        return []
+    final = variance_components(df[replica_columns(args, [])[1]].to_numpy(float),
+                                args.bootstrap, args.seed)
+    lines = [final.describe()]
+    if predicted is not None:
+        lines.append(f"Early prediction (after {predicted.n_arch} candidates): "
+                     f"{predicted.ceiling:+.2f}.")
+    return lines
+
+
 def stability(df, name, args):
     """Mean Spearman between a proxy's scores on initialisation 0 and on each other one."""
     if args.score_seeds < 2 or name == "params":
@@ -276,7 +209,7 @@ def data_used(args):
     return cap(args.train_subset, train_set), cap(args.val_subset, val_set)
 
 
-def summarise(df, spec, args, seconds) -> str:
+def summarise(df, spec, args, seconds, predicted=None) -> str:
     """The study table (every proxy and ensemble against the mean trained error), the noise
     ceiling and what was really used."""
     error = df["val_error"].to_numpy(float)
@@ -299,7 +232,8 @@ def summarise(df, spec, args, seconds) -> str:
     ceiling = noise_ceiling(df, args)
     if ceiling is not None:
         lines.append(f"Noise ceiling (seed-to-seed Spearman of the trained errors): "
-                     f"{ceiling:+.2f}.")
+                     f"{ceiling:+.2f} measured.")
+        lines += noise_lines(df, args, predicted)
         if ceiling < LOW_CEILING:
             lines.append(f"WARNING: the noise ceiling is below {LOW_CEILING}: two trainings of "
                          "the same candidates disagree about their order about as much as the "
@@ -314,12 +248,13 @@ def summarise(df, spec, args, seconds) -> str:
 
 
 def main(args):
-    # Everything that can fail on bad input comes before settings.json is written.
-    validate(args)
+    # Everything that can fail on bad input comes before anything is written.
     if args.module:
         load_block_module(args.module)
-    spec = ProxySpec(args.proxies)   # proxies and ensembles (vote, rank:a+b)
-    names = spec.columns
+    spec = proxy_spec(args.proxies)   # proxies and ensembles (vote, rank:a+b)
+    if args.candidates < FEW_CANDIDATES:
+        print(f"note: {args.candidates} candidates: the rank correlations' intervals will be "
+              f"wide (use {FEW_CANDIDATES} or more to tell proxies apart)")
     folder = out_dir(args)
     device = pick_device(args.device)
     table = CostTable.for_network(Network.from_args(args), names=SEARCH_SPACE)
@@ -327,41 +262,148 @@ def main(args):
                                  seed=args.seed)
     data = get_datasets(args.dataset, args.data_loc)
     check_writable(folder, "--out")
-    check_settings(folder, args)
+    os.makedirs(folder, exist_ok=True)
+    with pid_lock(os.path.join(folder, "study.lock"), os.path.join(folder, "study.csv")):
+        check_settings(folder, args)
+        return run_study(args, spec, folder, (device, table, genotypes, data))
+
+
+def run_study(args, spec, folder, prepared):
+    """Score every candidate not yet in study.csv, hand their trainings to the job layer (a row
+    is appended as soon as all seeds of a candidate are in), then summarise (under the lock)."""
+    device, table, genotypes, data = prepared
+    names = spec.columns
     base = ["index", "convs", "params", "macs"]
     extra = [n for n in names if n not in base]   # the `params` proxy is the params column
     score_cols, error_cols = replica_columns(args, extra)
     columns = [*base, *extra, *score_cols, *error_cols, "val_error", "train_seconds"]
     path = os.path.join(folder, "study.csv")
     done = read_done(path, columns)
-    batch = None
     start = time.time()
+    todo = [i for i in range(len(genotypes)) if i not in done]
+    scores = score_all(args, genotypes, todo, names, extra, device, data)
+    jobs = [Job(train_name(i, r), train_config(args, genotypes[i], i, folder, r))
+            for i in todo for r in range(args.train_seeds)]
+    noise = EarlyNoise(args, done)
     with open(path, "a", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        for i, genotype in enumerate(tqdm(genotypes, desc="study")):
-            if i in done:
-                continue
-            batch = batch or fixed_minibatch(args, device, data)
-            scores = score(args, genotype, i, names, batch, device)
-            for r in range(1, args.score_seeds):
-                more = score(args, genotype, i, extra, batch, device, replica=r)
-                scores.update({f"{n}@{r}": more[n] for n in extra})
-            t0 = time.time()
-            errors = [train(args, genotype, i, folder, r) for r in range(args.train_seeds)]
-            params, macs = table.cost(genotype)
-            writer.writerow([i, format_convs(genotype), params, macs,
-                             *[scores[n] for n in extra + score_cols],
-                             *(errors if error_cols else []), float(np.mean(errors)),
-                             round(time.time() - t0, 1)])
-            f.flush()
-    df = pd.read_csv(path)
-    from plots import plot_study
+        rows = RowWriter(csv.writer(f, lineterminator="\n"), f, columns, done, noise)
+        collect = lambda name, result: rows.add(   # noqa: E731
+            *parse_name(name), result, genotypes, table, scores, extra + score_cols)
+        try:
+            run_jobs(train_job, jobs, launch_settings(args, os.path.join(folder, "jobs"),
+                                                      device.type), on_result=collect)
+        except StopStudy as stop:
+            print(stop)
+    df = study_table(done, columns)
     png = plot_study(df, os.path.join(folder, "study.png"), proxies=names)
-    text = summarise(df, spec, args, time.time() - start)
+    text = summarise(df, spec, args, time.time() - start, noise.predicted)
     with open(os.path.join(folder, "summary.md"), "w") as f:
         f.write(text + "\n")
     print(text)
     print(f"study: {path}, {png}")
+    return df
+
+
+def score_all(args, genotypes, todo, names, extra, device, data) -> dict:
+    """{index: {proxy: score}} of the candidates `todo` (replicas 'name@r' with
+    --score_seeds), all on one fixed minibatch."""
+    if not todo:
+        return {}
+    batch = fixed_minibatch(args, device, data)
+    out = {}
+    for i in progress(todo, desc="scoring"):
+        out[i] = score(args, genotypes[i], i, names, batch, device)
+        for r in range(1, args.score_seeds):
+            more = score(args, genotypes[i], i, extra, batch, device, replica=r)
+            out[i].update({f"{n}@{r}": more[n] for n in extra})
+    return out
+
+
+def train_name(index: int, replica: int) -> str:
+    """A training's job and checkpoint name (replica r > 0: --train_seeds)."""
+    return f"candidate_{index}" + (f"_seed{replica}" if replica else "")
+
+
+def parse_name(name: str):
+    """(index, replica) of train_name's answer."""
+    stem, _, seed = name.partition("_seed")
+    return int(stem[len("candidate_"):]), int(seed or 0)
+
+
+def train_job(cfg) -> dict:
+    """A study's training job (the job layer runs it inline, in a worker or on Slurm)."""
+    return train_candidate(cfg)
+
+
+class StopStudy(Exception):
+    """--stop_if_noisy: the early noise estimate says the study cannot rank proxies."""
+
+
+class RowWriter:
+    """Collects the trainings of each candidate as the job layer reports them; a candidate's
+    row is appended (flushed, fsynced) once all its seeds are in, then the noise is checked."""
+
+    def __init__(self, writer, f, columns, done, noise):
+        self.writer, self.f, self.columns, self.done, self.noise = writer, f, columns, done, noise
+        self.pending = {}
+
+    def add(self, index, replica, result, genotypes, table, scores, score_names):
+        got = self.pending.setdefault(index, {})
+        got[replica] = result
+        if len(got) < self.noise.seeds or index in self.done:
+            return
+        errors = [got[r]["val_error"] for r in range(self.noise.seeds)]
+        params, macs = table.cost(genotypes[index])
+        row = [index, format_convs(genotypes[index]), params, macs,
+               *[scores[index][n] for n in score_names],
+               *(errors if self.noise.seeds > 1 else []), float(np.mean(errors)),
+               round(sum(r["seconds"] for r in got.values()), 1)]
+        self.writer.writerow(row)
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.done[index] = dict(zip(self.columns, map(str, row)))
+        self.noise.check(self.done)
+
+
+class EarlyNoise:
+    """With --train_seeds >= 2: once ~15% of the candidates are trained (variance.early_check_at),
+    estimate the variance components and print the noise ceiling they predict for the study;
+    below 0.5, say so and what to change, and with --stop_if_noisy stop the study there."""
+
+    def __init__(self, args, done):
+        self.seeds, self.args = args.train_seeds, args
+        self.at = early_check_at(args.candidates)
+        self.predicted = None
+        self.checked = self.seeds < 2 or len(done) >= self.at   # a resumed study: at the end
+
+    def check(self, done) -> None:
+        if self.checked or len(done) < self.at:
+            return
+        self.checked = True
+        self.predicted = variance_components(seed_errors(done, self.seeds),
+                                             self.args.bootstrap, self.args.seed)
+        print(f"after {len(done)} of {self.args.candidates} candidates: "
+              f"{self.predicted.describe()}", flush=True)
+        warning = noise_warning(self.predicted)
+        if warning:
+            print(warning, flush=True)
+            if self.args.stop_if_noisy:
+                raise StopStudy(f"--stop_if_noisy: stopped after {len(done)} candidates (rerun "
+                                "without it, or with other settings in another --out)")
+
+
+def seed_errors(done, seeds) -> np.ndarray:
+    """The (candidates x seeds) validation errors of the finished candidates."""
+    return np.array([[float(done[i][f"val_error_{r}"]) for r in range(seeds)]
+                     for i in sorted(done)])
+
+
+def study_table(done: dict, columns) -> pd.DataFrame:
+    """The study's rows, one per candidate index (as read back), numbers as numbers."""
+    df = pd.DataFrame([done[i] for i in sorted(done)], columns=columns)
+    for c in columns:
+        if c != "convs":
+            df[c] = pd.to_numeric(df[c])
     return df
 
 

@@ -4,13 +4,14 @@ torchvision transforms and per-image seeding, --workers 0), on the same images w
 augmentation. Prints figures, asserts nothing.
 
     python bench/bench_data.py [--data ../shared/data/cifar10-jpeg] [--images 4096] [--epochs 2]
+                               [--quick]
 
 Two settings, crop + flip and crop + flip + Cutout 16, each the best of --epochs epochs of
 --images training images in batches of --batch (the best: other processes share the core; the
 tensor path's one-off decoding is printed apart). Its last line takes both settings together:
     data: tensor <N> img/s, pil <M> img/s, ratio <R>x
 Without --data (or with a folder that is absent) it writes random 32x32 PNGs to a temporary
-ImageFolder.
+ImageFolder. --quick: a smoke test in seconds (64 generated images, batches of 32, 1 epoch).
 """
 import argparse
 import os
@@ -25,13 +26,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import loaders as L  # noqa: E402
-import main as M  # noqa: E402
-from funcs import get_datasets, subset_indices  # noqa: E402
+from loaders import get_datasets, subset_indices  # noqa: E402
 
 
 def pil_epochs(train_set, batch, epochs, seed=0):
     """Images/s of main.py's PIL path with --workers 0."""
-    ds = M.SeededAugment(train_set, seed)
+    ds = L.SeededAugment(train_set, seed)
     sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=seed)
     loader = DataLoader(ds, batch, sampler=sampler, num_workers=0)
     rates = []
@@ -61,7 +61,11 @@ def main():
     p.add_argument("--images", default=4096, type=int, help="training images (a fixed subset)")
     p.add_argument("--batch", default=256, type=int)
     p.add_argument("--epochs", default=2, type=int)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: 64 generated images, batches of 32, 1 epoch")
     args = p.parse_args()
+    if args.quick:
+        args.data, args.images, args.batch, args.epochs = "", 64, 32, 1
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data

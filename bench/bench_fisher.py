@@ -1,6 +1,6 @@
 """Cost of Fisher-potential scoring and of budget sampling (prints figures, asserts nothing).
 
-    python bench/bench_fisher.py [--batch_size 128] [--repeats 5] [--device cpu]
+    python bench/bench_fisher.py [--batch_size 128] [--repeats 5] [--device cpu] [--quick]
 
 Scoring: build + score one WRN-40-2 candidate as a multiple of one training-mode forward of
 the same network on the same batch (the issue's target: <= 2.1x), beside the straightforward
@@ -72,7 +72,12 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--proxies", default=",".join(PROXIES),
                    help="comma-separated proxies to time beside Fisher ('none': skip)")
+    p.add_argument("--samples", default=1000, type=int, help="genotypes per sampling timing")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: batch 4, 1 repeat, 20 samples")
     args = p.parse_args()
+    if args.quick:
+        args.batch_size, args.repeats, args.samples = 4, 1, 20
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
 
@@ -111,13 +116,13 @@ def main():
 
     for goal in (162_000, 800_000, 1_600_000):
         t = time.perf_counter()
-        g = sample_genotypes(table, 1000, Budget(goal), seed=1)
+        g = sample_genotypes(table, args.samples, Budget(goal), seed=1)
         dt = time.perf_counter() - t
-        print(f"  sampling 1000 distinct at {goal:>9,} params: {dt * 1e3:7.1f} ms "
+        print(f"  sampling {args.samples} distinct at {goal:>9,} params: {dt * 1e3:7.1f} ms "
               f"({len({tuple(x) for x in g})} distinct)")
     t = time.perf_counter()
-    sample_genotypes(table, 1000, Budget(800_000, 100_000_000), seed=1)
-    print(f"  sampling 1000 at 800K params and 100M MACs: "
+    sample_genotypes(table, args.samples, Budget(800_000, 100_000_000), seed=1)
+    print(f"  sampling {args.samples} at 800K params and 100M MACs: "
           f"{(time.perf_counter() - t) * 1e3:.1f} ms")
 
 

@@ -2,7 +2,9 @@
 
     python bench/bench_latency.py      # WRN-40-2, batch 1 and 32, about 5 minutes idle
                                        # (much longer on a CPU shared with other jobs)
-    python bench/bench_latency.py --quick --out /tmp/lat.png   # WRN-10-1, a smoke test
+    python bench/bench_latency.py --quick     # WRN-10-1, a smoke test (plot in a temp folder)
+    python bench/bench_latency.py --runtime onnxruntime --out docs/latency_wrn40_2_cpu_ort.png
+                                       # every block exported to ONNX, timed in onnxruntime
 
 For each batch size: the table (cached under --cache_dir), then --n genotypes (--n_large above batch 1) drawn
 uniformly from the whole space and as many drawn uniformly within +-5% of the median predicted latency; each
@@ -14,6 +16,7 @@ Writes a scatter plot (--out) and the measurements beside it (.csv).
 import argparse
 import os
 import sys
+import tempfile
 
 import numpy as np
 import pandas as pd
@@ -21,9 +24,10 @@ import pandas as pd
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from count_ops import CostTable  # noqa: E402
 from funcs import sample_genotypes  # noqa: E402
-from latency import (PASSES, Timing, family_of, fastest_of_passes,  # noqa: E402
-                     load_or_measure, measure_network_ms, summarise_errors)
-from funcs import Budget, format_convs  # noqa: E402
+from latency import (CALIBRATION, PASSES, RUNTIMES, Timing, family_of,  # noqa: E402
+                     load_or_measure, measure_networks_ms, summarise_errors)
+from funcs import Budget, QuantisedLatency  # noqa: E402
+from files import format_convs  # noqa: E402
 from models import SEARCH_SPACE, Network  # noqa: E402
 
 
@@ -42,17 +46,25 @@ def get_args_parser():
     p.add_argument("--clock", default="cpu", choices=["wall", "cpu"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--cache_dir", default="results/latency")
-    p.add_argument("--out", default="docs/latency_wrn40_2_cpu.png")
+    p.add_argument("--out", default=None,
+                   help="plot (default: docs/latency_wrn40_2_cpu.png; with --quick a temporary file)")
     p.add_argument("--seed", default=1, type=int)
-    p.add_argument("--quick", action="store_true", help="WRN-10-1, 6 genotypes, batch 1")
+    p.add_argument("--runtime", default="torch", choices=list(RUNTIMES),
+                   help="what runs the table's blocks and the whole networks (latency.RUNTIMES)")
+    p.add_argument("--quick", action="store_true",
+                   help="WRN-10-1, 4 block types, 3 genotypes per set, batch 1")
     return p
+
+
+# --quick: a smoke test of the whole path (with onnxruntime every item is an export)
+QUICK_NAMES = ("Conv", "DConv", "ConvB2", "G8B2")
 
 
 def genotype_sets(ct, table, n, seed):
     """{'uniform': ..., 'window': ...}: the window is +-5% of the uniform set's median."""
     uniform = sample_genotypes(ct, n, seed=seed)
     goal = float(np.median([table.predict(g) for g in uniform]))
-    window = sample_genotypes(ct, n, Budget(tol=0.05, latency=table.quantise(goal)), seed=seed + 1)
+    window = sample_genotypes(ct, n, Budget(tol=0.05, latency=QuantisedLatency(table, goal)), seed=seed + 1)
     return {"uniform": uniform, "window": window}
 
 
@@ -63,13 +75,15 @@ def measure_sets(family, table, sets, args, batch, repeats):
     jobs = [jobs[j] for j in order]
     done = []
 
-    def measure(job):
+    def progress():
         done.append(1)
-        print(f"\r  batch {batch}: {len(done)} timings ({PASSES * len(jobs)} planned, more for "
-              "items whose passes disagree)", end="", flush=True)
-        return measure_network_ms(family.build(job[1]), family.image_size, Timing(
-            args.device, batch, args.threads, args.clock, warmup=2, repeats=repeats))
-    measured = fastest_of_passes(measure, jobs)   # as the table's items: the fastest pass
+        print(f"\r  batch {batch}: {len(done)} of {PASSES * len(jobs)} planned timings (more "
+              "for networks whose passes disagree)", end="", flush=True)
+    # as the table's items: the fastest pass; each network built (exported) once
+    measured = measure_networks_ms(
+        [family.build(g) for _, g in jobs], family.image_size,
+        Timing(args.device, batch, args.threads, args.clock, warmup=2, repeats=repeats,
+               runtime=args.runtime), progress)
     print()
     return [{"batch": batch, "set": name, "measured_ms": ms, "predicted_ms": table.predict(g),
              "summed_ms": table.predict(g) / table.scale, **group_sums(family, table, g),
@@ -149,17 +163,24 @@ def plot(df, out):
 
 
 def main(args):
+    names, calibration = SEARCH_SPACE, CALIBRATION
     if args.quick:
-        args.wrn_depth, args.wrn_width, args.n, args.batches = 10, 1, 6, "1"
+        args.wrn_depth, args.wrn_width, args.n, args.batches = 10, 1, 3, "1"
         args.repeats = args.repeats or 3
+        names, calibration = QUICK_NAMES, 2
+        # a smoke test never replaces the documented plot
+        args.out = args.out or os.path.join(tempfile.mkdtemp(), "latency_quick.png")
+    args.out = args.out or "docs/latency_wrn40_2_cpu.png"
     family = family_of(Network("wrn", args.wrn_depth, args.wrn_width))
-    ct = CostTable.for_wrn(args.wrn_depth, args.wrn_width)
+    ct = CostTable.for_wrn(args.wrn_depth, args.wrn_width, names=names)
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         repeats = args.repeats or (15 if batch == 1 else 3)
         timing = Timing(args.device, batch, args.threads, args.clock,
-                        warmup=5 if batch == 1 else 1, repeats=25 if batch == 1 else 5)
-        table = load_or_measure(family, SEARCH_SPACE, timing, args.cache_dir)
+                        warmup=5 if batch == 1 else 1, repeats=25 if batch == 1 else 5,
+                        runtime=args.runtime)
+        table = load_or_measure(family, names, timing, args.cache_dir,
+                                calibration=calibration)
         print(f"table {table.key.file_name()}: scale {table.scale:.3f}, predicted range "
               f"{table.range_ms()[0]:.3g} to {table.range_ms()[1]:.3g} ms")
         sets = genotype_sets(ct, table, args.n if batch == 1 else args.n_large, args.seed)

@@ -2,7 +2,9 @@
 precision (--amp auto) on this machine; prints, no asserts.
 
     nice python bench/bench_train.py [--iters 3] [--rounds 3] [--batch 128] [--threads N]
-                                     [--device cpu]
+                                     [--device cpu] [--quick]
+
+--quick: a smoke test in seconds (1 round of 1 step at batch 8).
 
 For the WRN-16-2 and WRN-40-2 teachers (cross-entropy) and a WRN-16-2 student of a WRN-40-2
 teacher (attention transfer, teacher forward included), the two settings are timed in turns
@@ -18,17 +20,17 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import main as M  # noqa: E402
+import engine as E  # noqa: E402
 from models import Network  # noqa: E402
-from runtime import pick_device  # noqa: E402
+from runtime import Runtime, pick_device, resolve_precision  # noqa: E402
 
 
 def timed_steps(model, loss_fn, batches, rt, optimizer, scaler):
-    """Seconds for one pass over `batches` through main.train_one_epoch (its .tolist() syncs)."""
+    """Seconds for one pass over `batches` through engine.train_one_epoch (its .tolist() syncs)."""
     if rt.device.type == "cuda":
         torch.cuda.synchronize(rt.device)
     start = time.perf_counter()
-    M.train_one_epoch(model, batches, optimizer, scaler, rt, loss_fn)
+    E.train_one_epoch(model, batches, optimizer, scaler, rt, loss_fn)
     return time.perf_counter() - start
 
 
@@ -56,13 +58,17 @@ def main():
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default=None)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: 1 round of 1 step at batch 8")
     args = p.parse_args()
+    if args.quick:
+        args.iters, args.rounds, args.batch = 1, 1, 8
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    amp, channels_last = M.resolve_precision(device, "auto")
-    runtimes = {"fp32": M.Runtime(device),
-                "default": M.Runtime(device, amp_dtype=amp, channels_last=channels_last)}
+    amp, channels_last = resolve_precision(device, "auto")
+    runtimes = {"fp32": Runtime(device),
+                "default": Runtime(device, amp_dtype=amp, channels_last=channels_last)}
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(args.batch, 3, 32, 32, generator=g),
                 torch.randint(10, (args.batch,), generator=g)) for _ in range(args.iters)]
@@ -70,18 +76,17 @@ def main():
           f"{args.rounds} rounds x {args.iters} steps per setting; fp32 = fp32, NCHW; "
           f"default = {runtimes['default'].precision()}")
 
-    student_args = M.get_args_parser().parse_args(["cifar10", "student"])   # AT, main's defaults
-    M.resolve_distill(student_args, None)
+    student_cfg = E.resolve_distill(E.TrainConfig(mode="student"), None)   # AT, main's defaults
 
     def teacher40():
         torch.manual_seed(1)
         return Network("wrn", 40, 2, 10).build().eval().requires_grad_(False)
     cases = [("WRN-16-2 teacher", lambda: Network("wrn", 16, 2, 10).build(),
-              lambda rt: M.teacher_loss_fn),
+              lambda rt: E.teacher_loss_fn),
              ("WRN-40-2 teacher", lambda: Network("wrn", 40, 2, 10).build(),
-              lambda rt: M.teacher_loss_fn),
+              lambda rt: E.teacher_loss_fn),
              ("WRN-16-2 student of WRN-40-2", lambda: Network("wrn", 16, 2, 10).build(),
-              lambda rt: M.make_student_loss_fn(rt.place(teacher40()), student_args))]
+              lambda rt: E.make_student_loss_fn(rt.place(teacher40()), student_cfg))]
     first = None
     for name, make_model, make_loss in cases:
         speed = compare(make_model, make_loss, batches, runtimes, args.rounds)

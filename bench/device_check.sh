@@ -26,3 +26,8 @@ data_arg=()
 if [ -d "$DATA" ]; then data_arg=(--data_loc "$DATA"); fi
 python bench/device_bench.py "${data_arg[@]}" --budget_s "$budget" | tee "$OUT"
 echo "total $(( $(date +%s) - start )) s"
+
+# The GPU study (bench/gpu_study.sh): run when this machine is a GPU one.
+if python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+  bash bench/gpu_study.sh "$DATA"
+fi

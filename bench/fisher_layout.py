@@ -1,7 +1,7 @@
 """Fisher potential in fp32 with NCHW against channels_last on this machine: the largest
 relative difference of any block's value, and the time of scoring (interleaved). Prints only.
 
-    nice python bench/fisher_layout.py [--candidates 4] [--repeats 3] [--batch_size 128]
+    nice python bench/fisher_layout.py [--candidates 4] [--repeats 3] [--batch_size 128] [--quick]
 
 Candidates: WRN-40-2 networks of random genotypes (seeded), one minibatch of random images.
 The search keeps NCHW unless channels_last is both within 1e-4 on every block and faster.
@@ -31,7 +31,10 @@ def main():
     p.add_argument("--candidates", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--quick", action="store_true", help="smoke test: 1 candidate, 1 repeat, batch 4")
     args = p.parse_args()
+    if args.quick:
+        args.candidates, args.repeats, args.batch_size = 1, 1, 4
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch_size, 3, 32, 32, generator=g)
     y = torch.randint(10, (args.batch_size,), generator=g)

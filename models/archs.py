@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from models.blocks import BlockSlot, UserError
 from models.resnet import LAYERS, ResNet, resnet_slots
-from models.wide_resnet import WideResNet, wrn_slots
+from models.wide_resnet import WideResNet, wrn_block_count, wrn_slots
 
 WRN_DEPTH, WRN_WIDTH = 40, 2      # the default WRN: the paper's CIFAR teacher
 
@@ -130,7 +130,24 @@ class Network:
         width = WRN_WIDTH if args.wrn_width is None else args.wrn_width
         if width < 1:
             raise UserError(f"--wrn_width must be at least 1, got {width}")
+        try:
+            wrn_block_count(depth)
+        except UserError as e:   # named by its flag, before a network is built
+            raise UserError(f"--wrn_depth {depth}: {e}") from None
         return cls(arch, depth, width, num_classes)
+
+
+def wrn_depth(text: str) -> int:
+    """argparse type of --wrn_depth: a WRN depth, 6n+4 (checked at parse time)."""
+    try:
+        depth = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    try:
+        wrn_block_count(depth)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(f"{text}: {e}") from None
+    return depth
 
 
 def network_args() -> argparse.ArgumentParser:
@@ -140,7 +157,7 @@ def network_args() -> argparse.ArgumentParser:
     g = p.add_argument_group("network")
     g.add_argument("--arch", default=None, choices=list(ARCHS),
                    help="network family (default: wrn on CIFAR, resnet34 on imagenet)")
-    g.add_argument("--wrn_depth", default=None, type=int,
+    g.add_argument("--wrn_depth", default=None, type=wrn_depth,
                    help=f"WRN depth, 6n+4 (default {WRN_DEPTH}; a student: its teacher's)")
     g.add_argument("--wrn_width", default=None, type=int,
                    help=f"WRN width factor (default {WRN_WIDTH}; a student: its teacher's)")

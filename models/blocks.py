@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence, Tuple
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -362,3 +363,8 @@ def group_slots(channels: Sequence[int], counts: Sequence[int], strides: Sequenc
             if i == 0:
                 size = (size + s - 1) // s
     return slots
+
+
+def logits_of(output) -> torch.Tensor:
+    """Our networks return (logits, activations); plain modules return logits."""
+    return output[0] if isinstance(output, (tuple, list)) else output

@@ -104,17 +104,17 @@ def repo_outputs_untouched():
 
 
 def killed_in_epoch(monkeypatch, epoch, run):
-    """Call run() with main.train_one_epoch raising KeyboardInterrupt as epoch `epoch` starts
-    (a kill mid-run, for the resume tests); main.train_one_epoch is restored afterwards."""
-    import main
-    real, calls = main.train_one_epoch, []
+    """Call run() with engine.train_one_epoch raising KeyboardInterrupt as epoch `epoch` starts
+    (a kill mid-run, for the resume tests); engine.train_one_epoch is restored afterwards."""
+    import engine
+    real, calls = engine.train_one_epoch, []
 
     def killed(*a, **k):
         calls.append(1)
         if len(calls) == epoch:
             raise KeyboardInterrupt
         return real(*a, **k)
-    monkeypatch.setattr(main, "train_one_epoch", killed)
+    monkeypatch.setattr(engine, "train_one_epoch", killed)
     with pytest.raises(KeyboardInterrupt):
         run()
-    monkeypatch.setattr(main, "train_one_epoch", real)
+    monkeypatch.setattr(engine, "train_one_epoch", real)

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from funcs import get_datasets
+from loaders import get_datasets
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import device_bench as B  # noqa: E402
@@ -53,3 +53,16 @@ def test_quick_mode_runs_on_cpu(tmp_path):
     assert float(row.split("|")[-2].replace(",", "")) > 0        # the pil column has a figure
     assert "Fisher search, 8 candidates at 800K (whole fisher_rank.py run): " in proc.stdout
     assert "s\n" in proc.stdout.split("Fisher search")[1]
+
+
+def test_gpu_study_script_runs_its_quick_mode_on_cpu(tiny_imagefolder, tmp_path):
+    """bench/gpu_study.sh's CPU --quick path: the same study.py command line (local launcher,
+    2 seeds) end to end, so the script is known to run before a GPU slot comes."""
+    env = dict(os.environ, QUICK="1", STUDY_OUT=str(tmp_path / "study"))
+    out = subprocess.run(["bash", "bench/gpu_study.sh", tiny_imagefolder], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "gpu study:" in out.stdout
+    lines = (tmp_path / "study" / "study.csv").read_text().splitlines()
+    assert len(lines) == 4 and "val_error_0,val_error_1" in lines[0]
+    assert (tmp_path / "study" / "summary.md").exists()

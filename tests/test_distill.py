@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import main as M
-from funcs import DISTILL_TERMS, dist_loss, distill_loss, dkd_loss, run_cli
+import engine as E
+from distill import DISTILL_TERMS, dist_loss, distill_loss, dkd_loss
+from cli import run_cli
 from test_main import load, run, teacher_dir  # noqa: F401 (a fixture)
 from conftest import killed_in_epoch
 
@@ -156,7 +158,7 @@ def test_student_resumes_exactly(method, tiny_imagefolder, teacher_dir, tmp_path
     assert a["args"]["distill"] == b["args"]["distill"] == method and b["epoch"] == 2
     assert all(torch.equal(v, b["net"][k]) for k, v in a["net"].items())
     assert a["train_losses"] == b["train_losses"] and a["val_errors"] == b["val_errors"]
-    assert torch.equal(straight["model"].fc.weight, b["net"]["fc.weight"])
+    assert torch.equal(straight.model.fc.weight, b["net"]["fc.weight"])
 
 
 def test_checkpoint_from_before_distill_resumes_as_at_kd(tiny_imagefolder, teacher_dir, tmp_path,
@@ -178,13 +180,27 @@ def test_checkpoint_from_before_distill_resumes_as_at_kd(tiny_imagefolder, teach
     student(tiny_imagefolder, tmp_path / "b", teacher_dir, "s", "--resume", "--distill", "dkd")
     b = load(path)
     assert b["args"]["distill"] == "at+kd" and b["args"]["alpha"] == 0.5 and b["epoch"] == 2
-    assert torch.equal(straight["model"].fc.weight, b["net"]["fc.weight"])
+    assert torch.equal(straight.model.fc.weight, b["net"]["fc.weight"])
+
+
+def test_kd_alone_takes_alpha_0_9(tiny_imagefolder, teacher_dir, tmp_path, capsys):
+    """--distill kd without --alpha trains with Hinton's usual weight 0.9 and says so (issue 21
+    item 5); the checkpoint records it, so a resume repeats it; a given --alpha is kept."""
+    cfg = E.TrainConfig(mode="student", distill="kd")
+    resolved = E.resolve_distill(cfg, None)
+    assert (resolved.distill, resolved.alpha, cfg.alpha) == ("kd", 0.9, 0.0)   # a new record
+    assert "--alpha 0.9" in capsys.readouterr().out
+    assert E.resolve_distill(cfg.replace(alpha=0.3), None).alpha == 0.3
+    assert capsys.readouterr().out == ""
+    student(tiny_imagefolder, tmp_path, teacher_dir, "s", "--distill", "kd")
+    assert "--alpha 0.9" in capsys.readouterr().out
+    saved = load(tmp_path / "s.t7")["args"]
+    assert (saved["distill"], saved["alpha"]) == ("kd", 0.9)
 
 
 BAD = {
     "unknown": (["--distill", "at+crd"], "unknown method 'crd'"),
     "twice": (["--distill", "dkd+dkd"], "names a method twice"),
-    "kd_without_alpha": (["--distill", "kd"], "give --alpha > 0"),
     "alpha_without_kd": (["--distill", "dkd", "--alpha", "0.9"], "--distill dkd+kd"),
     "dist_cifar_and_flag": (["--distill", "dist", "--dist_cifar", "--dist_gamma", "3"],
                             "--dist_cifar sets --dist_gamma 2"),
@@ -226,7 +242,7 @@ def test_student_loss_fn_passes_the_epoch_to_the_warmup():
     x, y = torch.randn(6, 3, 32, 32), Y
     args = M.get_args_parser().parse_args(["cifar10", "student", "--distill", "dkd",
                                            "--dkd_warmup", "4"])
-    loss_fn = M.make_student_loss_fn(teacher, args)
+    loss_fn = E.make_student_loss_fn(teacher, args)
     with torch.no_grad():
         s, t = model(x)[0], teacher(x)[0]
         ce, full = torch.nn.functional.cross_entropy(s, y).item(), dkd_loss(s, t, y, 1, 6, 4).item()

@@ -5,10 +5,13 @@ import os
 import pandas as pd
 import pytest
 
+import engine
 import fisher_rank
-from funcs import load_genotype, run_cli
-from proxies import rankdata
-from test_fisher_rank_cli import cached_cost_tables  # noqa: F401 (autouse: shared cost tables)
+import search
+from funcs import load_genotype
+from cli import run_cli
+from stats import rankdata
+from test_fisher_rank_cli import NET, cached_cost_tables  # noqa: F401 (autouse: shared cost tables)
 
 GOAL = 20000
 
@@ -35,7 +38,7 @@ def multi(tiny_imagefolder, tmp_path_factory):
 
 def test_several_proxies_one_pass_one_column_each(tiny_imagefolder, multi):
     out, s = multi
-    assert s["results"] == str(out / "results" / f"vote_snip_rank-snip+params_at_{GOAL}.csv")
+    assert s["results"] == str(out / "results" / f"{NET}vote_snip_rank-snip+params_at_{GOAL}.csv")
     df = pd.read_csv(s["results"])
     # vote's three proxies, then snip's (already there); params is the params column
     assert list(df.columns) == ["index", "convs", "params", "macs", "synflow", "jacob_cov",
@@ -43,15 +46,15 @@ def test_several_proxies_one_pass_one_column_each(tiny_imagefolder, multi):
     # a column holds that proxy on the candidate rebuilt from (seed, index), as a single run
     args = fisher_rank.resolve(fisher_rank.get_args_parser().parse_args(
         argv(tiny_imagefolder, out)))
-    from funcs import get_datasets
+    from loaders import get_datasets
     import torch
     import proxies
     train, _, _ = get_datasets("cifar10", tiny_imagefolder)
     train = fisher_rank.training_images(args, train, torch.device("cpu"))   # as the search
-    (x, y), = fisher_rank.load_batches(train, args, args.seed, torch.device("cpu"))
+    (x, y), = search.load_batches(train, args, args.seed, torch.device("cpu"))
     row = df.iloc[3]
-    net = fisher_rank.make_candidate(args, eval(row["convs"]), 10,
-                                     fisher_rank.candidate_key(0, 3), torch.device("cpu"))
+    net = search.make_candidate(args, eval(row["convs"]), 10,
+                                     search.candidate_key(0, 3), torch.device("cpu"))
     for name in ("synflow", "jacob_cov", "snip"):
         assert proxies.get_proxy(name)(net, x, y) == pytest.approx(row[name], rel=1e-6)
 
@@ -66,7 +69,7 @@ def test_vote_ranks_by_pairwise_majority_counted_independently(multi):
     assert s["ranking"] == [int(df["index"][a]) for a in order]       # ranked by the first
     assert s["vote"] == s["score"] == max(wins)
     files = os.listdir(out / "genotypes")                               # --top_n 2
-    assert sorted(files) == sorted(f"vote_snip_rank-snip+params_{GOAL}_{df['index'][a]}.csv"
+    assert sorted(files) == sorted(f"{NET}vote_snip_rank-snip+params_{GOAL}_{df['index'][a]}.csv"
                                    for a in order[:2])
     # the rank ensemble of the best row: its mean rank of snip and params
     mean = (rankdata(df["snip"]) + rankdata(df["params"])) / 2
@@ -102,7 +105,7 @@ def test_rerank_trains_the_top_k_writes_csv_and_genotype_and_resumes(
     s = run(tiny_imagefolder, tmp_path, *extra)
     r = s["rerank"]
     df = pd.read_csv(r["results"])
-    assert r["results"] == str(tmp_path / "results" / f"snip_at_{GOAL}_rerank.csv")
+    assert r["results"] == str(tmp_path / "results" / f"{NET}snip_at_{GOAL}_rerank.csv")
     assert list(df.columns) == ["index", "convs", "params", "macs", "score", "val_error"]
     assert list(df["index"]) == s["ranking"][:2]                        # the proxy's top 2
     scores = pd.read_csv(s["results"]).set_index("index")["snip"]
@@ -110,41 +113,42 @@ def test_rerank_trains_the_top_k_writes_csv_and_genotype_and_resumes(
     assert (((df["val_error"] / 10).round(6)) % 1 == 0).all()           # 10 validation images
     best = df.sort_values(["val_error", "index"]).iloc[0]
     assert r["best_index"] == best["index"]
-    assert r["genotype"] == str(tmp_path / "genotypes" / f"snip_{GOAL}_rerank_{best['index']}.csv")
+    assert r["genotype"] == str(tmp_path / "genotypes" / f"{NET}snip_{GOAL}_rerank_{best['index']}.csv")
     assert load_genotype(r["genotype"]) == eval(best["convs"])
     # resumable: a second run trains nothing, asking for one more trains just that one
     before = open(r["results"]).read()
     trained = []
-    monkeypatch.setattr(fisher_rank, "train_candidate",
-                        lambda args, row, folder: trained.append(row["index"]) or 50.0)
+    monkeypatch.setattr(engine, "train_on", lambda cfg, rt: trained.append(
+        cfg.teacher_checkpoint) or engine.TrainResult("x", [{"val_error": 50.0}]))
     run(tiny_imagefolder, tmp_path, *extra)
     assert trained == [] and open(r["results"]).read() == before
     run(tiny_imagefolder, tmp_path, *extra[:5], "3", *extra[6:])
-    assert trained == [s["ranking"][2]]
+    assert trained == [f"candidate_{s['ranking'][2]}"]
 
 
 def test_rerank_refuses_bad_numbers_and_torchrun(tiny_imagefolder, tmp_path, monkeypatch):
     from models import UserError
-    with pytest.raises(UserError, match="--rerank must be >= 0"):
+    with pytest.raises(SystemExit):   # refused at parse time, before the search
         run(tiny_imagefolder, tmp_path, "--rerank", "2", "--rerank_epochs", "0")
+    assert not (tmp_path / "results").exists()
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="without torchrun"):
         run(tiny_imagefolder, tmp_path, "--rerank", "2")
 
 
-def test_rerank_trains_the_searched_network(tmp_path, monkeypatch):
-    """The re-rank trains what was searched: main.py gets --arch (and a WRN's depth and
-    width), so a ResNet search is re-ranked as a ResNet."""
-    import main
-    seen = []
-    monkeypatch.setattr(main, "train_genotype", lambda g, folder, name, flags: seen.append(
-        flags) or 12.5)
+def test_rerank_trains_the_searched_network(tmp_path):
+    """The re-rank trains what was searched: the training gets --arch (and a WRN's depth and
+    width), so a ResNet search is re-ranked as a ResNet, on the search's data path and
+    precision."""
     args = fisher_rank.resolve(fisher_rank.get_args_parser().parse_args(
-        ["cifar10", "--arch", "resnet18", "--rerank", "1", "--device", "cpu"]))
+        ["cifar10", "--arch", "resnet18", "--rerank", "1", "--device", "cpu", "--loader", "pil",
+         "--cache_dir", str(tmp_path / "c"), "--amp", "off"]))
     row = {"index": 3, "convs": ["Conv"] * 8}
-    assert fisher_rank.train_candidate(args, row, str(tmp_path)) == 12.5
-    assert seen[0]["arch"] == "resnet18" and seen[0]["wrn_depth"] is None
+    cfg = fisher_rank.rerank_config(args, row, str(tmp_path))
+    assert (cfg.arch, cfg.wrn_depth, cfg.convs) == ("resnet18", None, ["Conv"] * 8)
+    assert (cfg.loader, cfg.cache_dir, cfg.amp) == ("pil", str(tmp_path / "c"), "off")
+    assert cfg.teacher_checkpoint == "candidate_3" and cfg.cosine and not cfg.plot
     args = fisher_rank.resolve(fisher_rank.get_args_parser().parse_args(
         ["cifar10", "--wrn_depth", "16", "--rerank", "1", "--device", "cpu"]))
-    fisher_rank.train_candidate(args, row, str(tmp_path))
-    assert (seen[1]["arch"], seen[1]["wrn_depth"], seen[1]["wrn_width"]) == ("wrn", 16, 2)
+    cfg = fisher_rank.rerank_config(args, row, str(tmp_path))
+    assert (cfg.arch, cfg.wrn_depth, cfg.wrn_width) == ("wrn", 16, 2)

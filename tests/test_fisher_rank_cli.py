@@ -9,11 +9,14 @@ import pytest
 import torch
 
 import fisher_rank
-from funcs import budget_window, fisher_scores, load_genotype, run_cli
+import search
+from funcs import budget_window, fisher_scores, load_genotype
+from cli import run_cli
 from models import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOAL = 20000
+NET = "wrn10-1_"   # WRN-10-1 is not CIFAR's default network: its search files say so
 
 
 def argv(data, out, *extra):
@@ -37,7 +40,7 @@ def cached_cost_tables(monkeypatch):
 
 
 TABLES = {}
-ORIGINAL_COST_TABLE = fisher_rank.cost_table
+ORIGINAL_COST_TABLE = search.cost_table
 
 
 def run(*a):
@@ -61,21 +64,21 @@ def test_search_writes_results_and_best_genotype(tiny_imagefolder, full):
     assert df["params"].between(lo, hi).all()
     best = df.loc[df["fisher"].idxmax()]
     assert s["best_index"] == best["index"] and s["fisher"] == pytest.approx(best["fisher"])
-    assert s["genotype"] == str(out / "genotypes" / f"{GOAL}_{best['index']}.csv")
+    assert s["genotype"] == str(out / "genotypes" / f"{NET}{GOAL}_{best['index']}.csv")
     assert load_genotype(s["genotype"]) == s["best_genotype"]
     # newest genotype file is the best: every file written was a new best at its time
-    files = sorted(os.listdir(out / "genotypes"), key=lambda f: int(f.split("_")[1][:-4]))
+    files = sorted(os.listdir(out / "genotypes"), key=lambda f: int(f.rsplit("_", 1)[1][:-4]))
     assert files[-1] == os.path.basename(s["genotype"])
     # a row's score is the Fisher potential of that candidate rebuilt from (seed, index)
     args = fisher_rank.resolve(fisher_rank.get_args_parser().parse_args(
         argv(tiny_imagefolder, out)))
-    from funcs import get_datasets
+    from loaders import get_datasets
     train, _, _ = get_datasets("cifar10", tiny_imagefolder)
     train = fisher_rank.training_images(args, train, torch.device("cpu"))   # as the search
-    (x, y), = fisher_rank.load_batches(train, args, args.seed, torch.device("cpu"))
+    (x, y), = search.load_batches(train, args, args.seed, torch.device("cpu"))
     i = int(best["index"])
-    net = fisher_rank.make_candidate(args, s["best_genotype"], 10,
-                                     fisher_rank.candidate_key(0, i), torch.device("cpu"))
+    net = search.make_candidate(args, s["best_genotype"], 10,
+                                     search.candidate_key(0, i), torch.device("cpu"))
     assert float(fisher_scores(net, x, y).sum()) == pytest.approx(best["fisher"], rel=1e-6)
 
 
@@ -143,7 +146,7 @@ def test_two_process_shards_equal_one_process(tiny_imagefolder, full, tmp_path):
            "2", os.path.join(ROOT, "fisher_rank.py"), *argv(tiny_imagefolder, tmp_path)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    merged = pd.read_csv(tmp_path / "results" / f"fisher_at_{GOAL}.csv")
+    merged = pd.read_csv(tmp_path / "results" / f"{NET}fisher_at_{GOAL}.csv")
     single = pd.read_csv(pd.io.common.StringIO(reference))
     pd.testing.assert_frame_equal(merged.drop(columns="fisher"), single.drop(columns="fisher"))
     assert merged["fisher"].tolist() == pytest.approx(single["fisher"].tolist(), rel=1e-5)

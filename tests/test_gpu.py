@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import main as M
+import engine as E
 from conftest import ROOT, killed_in_epoch
 from funcs import fisher_scores
 from models import Network, WideResNet
@@ -42,7 +43,7 @@ def first_step(rt, compile=False):
     torch.manual_seed(0)
     model = rt.place(Network("wrn", 10, 1, 10).build(), compile=compile)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    loss, _ = M.train_one_epoch(model, [batch()], opt, rt.grad_scaler(), rt, M.teacher_loss_fn)
+    loss, _ = E.train_one_epoch(model, [batch()], opt, rt.grad_scaler(), rt, E.teacher_loss_fn)
     return loss, model
 
 

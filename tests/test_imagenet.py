@@ -23,7 +23,7 @@ def test_resnet34_teacher_student_and_search(tmp_path, tiny_imagefolder):
     geno = os.path.join(ROOT, "genotypes", "bs_imagenet_1.csv")
     out = trainer.main(trainer.get_args_parser().parse_args(
         ["imagenet", "student", "-t", "r34", "-s", "r34_bs", "--from_genotype", geno, *common]))
-    student = out["model"]
+    student = out.model
     assert student.genotype == load_genotype(geno)
     # the paper's ~3.1M student, less the 1000-class head swapped for this 10-class folder
     assert count_params(student) == 3_080_488 - 513 * 990

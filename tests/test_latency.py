@@ -13,7 +13,8 @@ import torch
 import fisher_rank
 import latency
 from count_ops import CostTable
-from funcs import Budget, budget_window, count_genotypes, run_cli, sample_codes
+from funcs import Budget, QuantisedLatency, budget_window, count_genotypes, sample_codes
+from cli import run_cli
 from models import Network, UserError
 
 NAMES = ["Conv", "DConv", "ConvB2", "G8B2"]
@@ -83,7 +84,7 @@ def test_quantised_window_matches_enumeration(family, ct, tmp_path):
     codes = all_codes(table)                                   # 4^3 genotypes
     predicted = table.predict_many(codes)
     goal, tol = float(np.median(predicted)), 0.1
-    q = table.quantise(goal)
+    q = QuantisedLatency(table, goal)
     # quantisation moves a prediction by under 1% of the goal
     assert np.abs(q.units_many(codes) * q.unit_ms - predicted).max() < 0.01 * goal
     inside = q.in_window(codes, tol)
@@ -99,7 +100,7 @@ def test_latency_and_param_goal_sample_the_intersection(family, ct, tmp_path):
     codes = all_codes(table)
     params, _ = ct.cost_many(codes)
     pgoal, lgoal, tol = int(np.median(params)), float(np.median(table.predict_many(codes))), 0.2
-    q = table.quantise(lgoal)
+    q = QuantisedLatency(table, lgoal)
     lo, hi = budget_window(pgoal, tol)
     both = q.in_window(codes, tol) & (params >= lo) & (params <= hi)
     assert 0 < both.sum() < q.in_window(codes, tol).sum()
@@ -132,7 +133,7 @@ def table_and_goal(family, tmp_path):
 def check_rows(df, table, goal, tol=0.2):
     expected = [table.predict(eval(c)) for c in df["convs"]]
     np.testing.assert_allclose(df["latency_ms"], expected, rtol=1e-4)
-    q = table.quantise(goal)
+    q = QuantisedLatency(table, goal)
     assert q.in_window(table.codes([eval(c) for c in df["convs"]]), tol).all()
 
 
@@ -187,7 +188,7 @@ def test_infeasible_latency_goal_is_one_line(tiny_imagefolder, tmp_path, table_a
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1
     assert "predicted latency" in err[0] and f"{lo:.3g} to {hi:.3g} ms" in err[0]
-    assert not os.path.exists(tmp_path / "results" / f"fisher_at_lat{lo / 2:g}ms.csv")
+    assert not os.path.exists(tmp_path / "results" / f"wrn10-1_fisher_at_lat{lo / 2:g}ms.csv")
 
 
 def test_fastest_of_passes_keeps_each_items_fastest_pass():

@@ -9,9 +9,11 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+import engine as E
 import loaders as L
 import main as M
-from funcs import CIFAR_STATS, Cutout, get_datasets
+from loaders import CIFAR_STATS, Cutout, get_datasets
+from runtime import Runtime
 
 MEAN, STD = CIFAR_STATS["cifar10"]
 
@@ -163,10 +165,10 @@ def test_choose_loader(tiny_imagefolder, monkeypatch):
 
 
 def main_loaders(data, loader, *extra):
-    args = M.get_args_parser().parse_args(
+    args = E.TrainConfig.from_args(M.get_args_parser().parse_args(
         ["cifar10", "teacher", "--data_loc", data, "--workers", "0", "--batch_size", "4",
-         "--train_subset", "10", "--val_subset", "6", "--seed", "2", "--loader", loader, *extra])
-    return M.make_loaders(args, M.Runtime(torch.device("cpu")))
+         "--train_subset", "10", "--val_subset", "6", "--seed", "2", "--loader", loader, *extra]))
+    return L.make_loaders(args, Runtime(torch.device("cpu")))
 
 
 def test_main_subsets_pick_the_same_images_on_both_paths(tiny_imagefolder):
@@ -177,8 +179,8 @@ def test_main_subsets_pick_the_same_images_on_both_paths(tiny_imagefolder):
         torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-6)
         assert torch.equal(a[1], b[1])
     for epoch in (0, 1):                  # training: the same order (labels), own augmentation
-        M.set_epoch(tensor[0], epoch)
-        M.set_epoch(pil[0], epoch)
+        L.set_epoch(tensor[0], epoch)
+        L.set_epoch(pil[0], epoch)
         assert [y.tolist() for _, y in tensor[0]] == [y.tolist() for _, y in pil[0]]
 
 

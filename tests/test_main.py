@@ -1,5 +1,6 @@
 """main.py on CPU with tiny generated images and WRN-10-1: runs, checkpoints, logs, losses,
 resume, and the one-line errors of bad input."""
+import argparse
 import csv
 import os
 import subprocess
@@ -10,8 +11,12 @@ import pytest
 import torch
 
 import main as M
+import loaders as L
 from conftest import ROOT, killed_in_epoch
-from funcs import at_loss, run_cli, save_genotype
+from distill import at_loss, distill_loss
+from cli import run_cli
+from files import arch_info, model_from_checkpoint
+from funcs import save_genotype
 
 
 def base_argv(data, ckdir, *extra):
@@ -62,8 +67,8 @@ def test_teacher_writes_checkpoint_and_log(teacher_dir):
     # errors are percentages of 40 train / 20 val images
     assert all(round(e * 40 / 100, 6).is_integer() for e in ckpt["train_errors"])
     assert all(round(e * 20 / 100, 6).is_integer() for e in ckpt["val_errors"])
-    model = M.model_from_checkpoint(ckpt, "t.t7")   # strict load into the recorded architecture
-    assert M.arch_info(model)["convs"] == ckpt["convs"]
+    model = model_from_checkpoint(ckpt, "t.t7")   # strict load into the recorded architecture
+    assert arch_info(model)["convs"] == ckpt["convs"]
     assert set(ckpt["optimizer"]) == {"state", "param_groups"} and "last_epoch" in ckpt["scheduler"]
     rows = read_log(teacher_dir / "t.log.csv")
     assert [r["epoch"] for r in rows] == ["1", "2"]
@@ -74,7 +79,8 @@ def test_teacher_writes_checkpoint_and_log(teacher_dir):
 def test_training_loss_falls(tiny_imagefolder, tmp_path):
     out = run(tiny_imagefolder, tmp_path, "cifar10", "teacher", "-t", "f", "--epochs", "4",
               "--epoch_step", "[]")
-    losses = out["history"]["train_losses"]
+    losses = [row["train_loss"] for row in out.log]
+    assert len(losses) == 4 and out.model is not None and out.teacher is None
     assert losses[-1] < 0.9 * losses[0], losses
 
 
@@ -86,9 +92,9 @@ def test_student_trains_and_teacher_is_unchanged(tiny_imagefolder, teacher_dir, 
               "-t", "t", "-s", "t.DConvG2", "--alpha", "0.5")
     teacher_ckpt = load(ckdir / "t.t7")
     # the teacher in memory after training (weights and BN statistics) is the checkpoint's
-    after = out["teacher"].state_dict()
+    after = out.teacher.state_dict()
     assert all(torch.equal(after[k], v) for k, v in teacher_ckpt["net"].items())
-    assert not any(p.requires_grad for p in out["teacher"].parameters())
+    assert not any(p.requires_grad for p in out.teacher.parameters())
     assert (ckdir / "t.t7").read_bytes() == teacher_bytes
     stu = load(ckdir / "t.DConvG2.t7")
     assert stu["convs"] == ["DConvG2"] * 3 and stu["epoch"] == 1
@@ -136,7 +142,9 @@ def test_student_loss_matches_formula(pairs, alpha):
     t_logits = torch.randn(4, 10, generator=g, dtype=torch.float64)
     y = torch.tensor([1, 5, 0, 9])
     T, beta = 4.0, 1e3
-    got = M.student_loss((logits, acts), (t_logits, t_acts), y, alpha, T, beta).item()
+    hp = argparse.Namespace(alpha=alpha, temperature=T, beta=beta)
+    names = ["at", "kd"] if alpha > 0 else ["at"]   # the default --distill for this alpha
+    got = distill_loss(names, (logits, acts), (t_logits, t_acts), y, hp).item()
 
     z, zt, yn = logits.numpy(), t_logits.numpy(), y.numpy()
     ce = -np_log_softmax(z)[np.arange(4), yn].mean()
@@ -154,9 +162,9 @@ def test_student_loss_matches_formula(pairs, alpha):
 # --------------------------------------------------------------------------------------------
 
 def test_seeded_augment_depends_only_on_seed_epoch_index(tiny_imagefolder):
-    from funcs import get_datasets
+    from loaders import get_datasets
     train, _, _ = get_datasets("cifar10", tiny_imagefolder, cutout=16)
-    ds = M.SeededAugment(train, seed=5)
+    ds = L.SeededAugment(train, seed=5)
     ds.set_epoch(3)
     a = ds[7][0]
     torch.manual_seed(123)
@@ -194,7 +202,7 @@ def test_resume_after_kill_equals_uninterrupted(loader, tiny_imagefolder, tmp_pa
              for r in read_log(tmp_path / "b" / "x.log.csv")]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"}
                      for r in read_log(tmp_path / "a" / "x.log.csv")]
-    assert torch.equal(straight["model"].fc.weight, b["net"]["fc.weight"])
+    assert torch.equal(straight.model.fc.weight, b["net"]["fc.weight"])
 
 
 def test_overwrite_starts_again(tiny_imagefolder, teacher_dir, tmp_path):
@@ -274,7 +282,7 @@ def test_subset_seed_picks_the_same_images_for_every_training_seed(tiny_imagefol
         args = M.get_args_parser().parse_args(base_argv(
             tiny_imagefolder, tmp_path, "cifar10", "teacher", "--train_subset", "8",
             "--val_subset", "6", "--loader", "tensor", *flags))
-        train, val, _ = M.make_loaders(args, Runtime(torch.device("cpu")))
+        train, val, _ = L.make_loaders(args, Runtime(torch.device("cpu")))
         return train.dataset.images, val.dataset.images
 
     a = images("--seed", "1", "--subset_seed", "7")

@@ -17,7 +17,10 @@ import torch
 import torch.nn.functional as F
 
 import main as M
+import loaders as L
+import engine as E
 from conftest import ROOT
+from runtime import Runtime
 
 
 @pytest.mark.parametrize("loader", ["tensor", "pil"])
@@ -51,20 +54,20 @@ def test_ddp_two_gloo_processes_match_single_process(loader, tiny_imagefolder, t
 
 def reference_run(flags):
     """Two epochs of 2-rank data-parallel SGD, emulated in this process."""
-    args = M.get_args_parser().parse_args(flags)
-    ranks = [M.Runtime(torch.device("cpu"), rank=r, world=2) for r in range(2)]
-    loaders = [M.make_loaders(args, rt)[0] for rt in ranks]
-    _, val_loader, _ = M.make_loaders(args, M.Runtime(torch.device("cpu")))
+    args = E.TrainConfig.from_args(M.get_args_parser().parse_args(flags))   # as main.main
+    ranks = [Runtime(torch.device("cpu"), rank=r, world=2) for r in range(2)]
+    loaders = [L.make_loaders(args, rt)[0] for rt in ranks]
+    _, val_loader, _ = L.make_loaders(args, Runtime(torch.device("cpu")))
     torch.manual_seed(args.seed)
-    model = M.new_model(args, 10, None)
-    optimizer = M.make_optimizer(model, args)
+    model = E.new_model(args, 10, None)
+    optimizer = E.make_optimizer(model, args)
     buffers = [b for b in model.buffers()]
     losses = []
     for epoch in range(2):
         model.train()
         loss_sum = 0.0
         for loader in loaders:
-            M.set_epoch(loader, epoch)
+            L.set_epoch(loader, epoch)
         for (x0, y0), (x1, y1) in zip(*loaders):
             assert len(y0) == len(y1) == 8
             optimizer.zero_grad()
@@ -78,4 +81,4 @@ def reference_run(flags):
             optimizer.step()
             loss_sum += (loss0.item() + loss1.item()) * 8
         losses.append(loss_sum / 32)
-    return model, losses, M.validate(model, val_loader, M.Runtime(torch.device("cpu")))[1]
+    return model, losses, E.validate(model, val_loader, Runtime(torch.device("cpu")))[1]

@@ -221,7 +221,7 @@ def test_register_user_block_from_module(tmp_path):
 def test_a_registered_family_is_built_priced_and_named_back():
     """Adding a network family is one register_arch entry: it builds, its cost table equals
     its built networks, and a built network (a checkpoint's) is named back to it."""
-    from funcs import arch_info, model_from_checkpoint
+    from files import arch_info, model_from_checkpoint
     from models import ARCHS, Family, Network, register_arch
     from models.resnet import resnet_slots
     layers = (1, 1, 1, 1)

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import plots
-from funcs import run_cli
+from cli import run_cli
 
 
 def _png_size(path):

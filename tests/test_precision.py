@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import main as M
+import engine as E
 import runtime
 from models import Network
 from test_main import load, run
@@ -38,16 +39,18 @@ def test_cuda_auto_bf16_else_fp16(monkeypatch, bf16, dtype):
 def test_no_amp_means_amp_off(monkeypatch):
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
     parse = M.get_args_parser().parse_args
-    rt = M.setup_runtime(parse(["cifar10", "teacher", "--device", "cpu", "--no_amp"]))
+    rt = E.setup_runtime(E.TrainConfig.from_args(
+        parse(["cifar10", "teacher", "--device", "cpu", "--no_amp"])))
     assert (rt.amp_dtype, rt.channels_last) == (None, False)
-    rt = M.setup_runtime(parse(["cifar10", "teacher", "--device", "cpu", "--amp", "bf16",
-                                "--no_channels_last"]))
+    rt = E.setup_runtime(E.TrainConfig.from_args(parse(
+        ["cifar10", "teacher", "--device", "cpu", "--amp", "bf16", "--no_channels_last"])))
     assert (rt.amp_dtype, rt.channels_last) == (torch.bfloat16, False)
-    assert M.Runtime(CPU, amp_dtype=torch.float16).precision() == "fp16 autocast + GradScaler, NCHW"
+    assert runtime.Runtime(CPU, amp_dtype=torch.float16).precision() == \
+        "fp16 autocast + GradScaler, NCHW"
 
 
 def test_bf16_autocast_runs_convolutions_in_bf16():
-    rt = M.Runtime(CPU, amp_dtype=torch.bfloat16, channels_last=True)
+    rt = runtime.Runtime(CPU, amp_dtype=torch.bfloat16, channels_last=True)
     torch.manual_seed(0)
     model = rt.place(Network("wrn", 10, 1, 10).build())
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
@@ -107,14 +110,14 @@ def one_step_loss(rt, seed=0):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     g = torch.Generator().manual_seed(1)
     batch = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(10, (8,), generator=g))]
-    loss, _ = M.train_one_epoch(model, batch, opt, rt.grad_scaler(), rt, M.teacher_loss_fn)
+    loss, _ = E.train_one_epoch(model, batch, opt, rt.grad_scaler(), rt, E.teacher_loss_fn)
     return loss, model.fc.weight.detach().clone(), model.state_dict().keys()
 
 
 @pytest.mark.slow
 def test_compiled_step_gives_eager_loss():
-    eager = one_step_loss(M.Runtime(CPU))
-    compiled = one_step_loss(M.Runtime(CPU, compile=True))
+    eager = one_step_loss(runtime.Runtime(CPU))
+    compiled = one_step_loss(runtime.Runtime(CPU, compile=True))
     assert compiled[0] == pytest.approx(eager[0], rel=1e-4)
     assert torch.allclose(compiled[1], eager[1], rtol=1e-4, atol=1e-5)
     assert compiled[2] == eager[2]        # compiled in place: checkpoints keep their names

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 import funcs
 import proxies
+import ensembles
+import stats
 from models import UserError, WideResNet
 
 
@@ -345,33 +347,33 @@ def test_proxy_leaves_net_unchanged_and_is_deterministic(name):
 def test_spearman_hand_example_with_ties():
     # ranks x = [1, 2.5, 2.5, 4], y = [1, 3, 2, 4]; centred: [-1.5, 0, 0, 1.5], [-1.5, .5, -.5, 1.5]
     # rho = 4.5 / sqrt(4.5 * 5)
-    assert proxies.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / np.sqrt(22.5))
-    assert proxies.rankdata([10, 30, 20, 20]).tolist() == [1, 4, 2.5, 2.5]
-    assert proxies.spearman([1, 2, 3], [10, 200, 3000]) == pytest.approx(1.0)
-    assert proxies.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
-    assert np.isnan(proxies.spearman([1, 1, 1], [1, 2, 3]))
+    assert stats.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / np.sqrt(22.5))
+    assert stats.rankdata([10, 30, 20, 20]).tolist() == [1, 4, 2.5, 2.5]
+    assert stats.spearman([1, 2, 3], [10, 200, 3000]) == pytest.approx(1.0)
+    assert stats.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert np.isnan(stats.spearman([1, 1, 1], [1, 2, 3]))
     with pytest.raises(ValueError):
-        proxies.spearman([1, 2], [1, 2, 3])
+        stats.spearman([1, 2], [1, 2, 3])
 
 
 def test_spearman_matches_scipy():
-    stats = pytest.importorskip("scipy.stats")
+    scipy_stats = pytest.importorskip("scipy.stats")
     rng = np.random.default_rng(0)
     for _ in range(5):
         x = rng.integers(0, 8, size=30).astype(float)    # many ties
         y = x + rng.normal(size=30)
-        assert proxies.spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
+        assert stats.spearman(x, y) == pytest.approx(scipy_stats.spearmanr(x, y)[0], abs=1e-12)
 
 
 def test_kendall_matches_scipy_and_a_hand_example():
     # pairs of [1,2,3] vs [1,3,2]: (1,2)+ (1,3)+ (2,3)- -> tau = 1/3
-    assert proxies.kendall([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)
-    assert np.isnan(proxies.kendall([1, 1], [1, 2]))
-    stats = pytest.importorskip("scipy.stats")
+    assert stats.kendall([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)
+    assert np.isnan(stats.kendall([1, 1], [1, 2]))
+    scipy_stats = pytest.importorskip("scipy.stats")
     rng = np.random.default_rng(1)
     x = rng.integers(0, 6, size=25).astype(float)
     y = x + rng.normal(size=25)
-    assert proxies.kendall(x, y) == pytest.approx(stats.kendalltau(x, y)[0], abs=1e-12)
+    assert stats.kendall(x, y) == pytest.approx(scipy_stats.kendalltau(x, y)[0], abs=1e-12)
 
 
 # --- ensembles -------------------------------------------------------------------------------
@@ -382,19 +384,26 @@ def test_vote_is_a_pairwise_majority_count():
     c = [0, 1, 2, 3]
     # candidate 0 beats 1, 2, 3 on a and b (2 of 3): 3 wins; 1 beats 3 (a, b); 2 beats 3; 3 none
     # 1 vs 2: a says 2, b says 1, c says 2 -> 2 wins
-    assert proxies.vote_scores([a, b, c]).tolist() == [3, 1, 2, 0]
-    assert proxies.vote_scores([[float("nan"), 1], [0, 1], [0, 1]]).tolist() == [0, 1]
+    assert ensembles.vote_scores([a, b, c]).tolist() == [3, 1, 2, 0]
+    assert ensembles.vote_scores([[float("nan"), 1], [0, 1], [0, 1]]).tolist() == [0, 1]
 
 
 def test_mean_rank_and_spec_parsing():
-    assert proxies.mean_rank_scores([[10, 30, 20], [1, 2, 3]]).tolist() == [1, 2.5, 2.5]
-    spec = proxies.ProxySpec("fisher, vote,rank:synflow+meco")
+    assert ensembles.mean_rank_scores([[10, 30, 20], [1, 2, 3]]).tolist() == [1, 2.5, 2.5]
+    spec = ensembles.ProxySpec("fisher, vote,rank:synflow+meco")
     assert spec.columns == ["fisher", "synflow", "jacob_cov", "snip", "meco"]
     assert spec.ranker == "fisher" and spec.label == "fisher_vote_rank-synflow+meco"
-    assert proxies.ProxySpec("synflow").label == "synflow"
+    assert ensembles.ProxySpec("synflow").label == "synflow"
     table = {"synflow": [1, 2, 3], "meco": [3, 2, 1]}
     assert spec.scores("rank:synflow+meco", table).tolist() == [2, 2, 2]
     with pytest.raises(UserError, match="unknown proxy 'fishr'"):
-        proxies.ProxySpec("fishr,synflow")
+        proxies.proxy_spec("fishr,synflow")              # names checked against PROXIES
+    with pytest.raises(UserError, match="unknown proxy 'fishr'"):
+        proxies.proxy_spec("fisher,rank:synflow+fishr")  # also inside an ensemble
+    assert proxies.proxy_spec("fisher, vote,rank:synflow+meco").columns == spec.columns
+    with pytest.raises(UserError, match="fisher named twice"):
+        ensembles.ProxySpec("fisher,synflow,fisher")
+    with pytest.raises(UserError, match="names a proxy twice"):
+        ensembles.ProxySpec("fisher,rank:synflow+synflow")
     with pytest.raises(UserError, match="two proxies or more"):
-        proxies.ProxySpec("rank:synflow")
+        ensembles.ProxySpec("rank:synflow")

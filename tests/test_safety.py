@@ -19,7 +19,8 @@ import main as M
 import plots
 import study
 from conftest import ROOT, write_imagefolder
-from funcs import atomic_write, run_cli
+from files import atomic_write
+from cli import run_cli
 
 
 def argv(data, ckdir, *extra):
@@ -71,14 +72,16 @@ def runs(tiny_imagefolder, tmp_path_factory):
 # --------------------------------------------------------------------------------------------
 
 MAIN_BAD = {
-    "epochs_0": (["--epochs", "0"], "--epochs 0: must be at least 1"),
-    "epochs_neg": (["--epochs", "-1"], "--epochs -1: must be at least 1"),
-    "batch_0": (["--batch_size", "0"], "--batch_size 0: must be at least 1"),
-    "batch_neg": (["--batch_size", "-5"], "--batch_size -5: must be at least 1"),
-    "lr_neg": (["--lr", "-0.1"], "--lr -0.1: must be a positive number"),
-    "val_subset_neg": (["--val_subset", "-5"], "--val_subset -5: must be at least 1"),
-    "train_subset_0": (["--train_subset", "0"], "--train_subset 0: must be at least 1"),
-    "cutout_neg": (["--cutout", "-3"], "--cutout -3: must be at least 0"),
+    # refused at parse time by argparse (cli.at_least/positive), as run_cli's one error line
+    "epochs_0": (["--epochs", "0"], "argument --epochs: 0: must be at least 1"),
+    "epochs_neg": (["--epochs", "-1"], "argument --epochs: -1: must be at least 1"),
+    "batch_0": (["--batch_size", "0"], "argument --batch_size: 0: must be at least 1"),
+    "batch_neg": (["--batch_size", "-5"], "argument --batch_size: -5: must be at least 1"),
+    "lr_0": (["--lr", "0"], "argument --lr: 0: must be a positive number"),
+    "lr_neg": (["--lr", "-0.1"], "argument --lr: -0.1: must be"),
+    "val_subset_neg": (["--val_subset", "-5"], "argument --val_subset: -5: must be at least 1"),
+    "train_subset_0": (["--train_subset", "0"], "argument --train_subset: 0: must be at least 1"),
+    "cutout_neg": (["--cutout", "-3"], "argument --cutout: -3: must be at least 0"),
     "random_bytes": (["-t", "rnd", "--resume"], "not a checkpoint written by main.py"),
     "text_file": (["-t", "txt", "--resume"], "not a checkpoint written by main.py"),
     "resume_conv_depth": (["-t", "t", "--resume", "--conv", "DConv", "--wrn_depth", "40"],
@@ -181,8 +184,13 @@ def test_resume_of_a_finished_run_says_so(tiny_imagefolder, runs, tmp_path, caps
     ckdir, _ = runs
     shutil.copy(ckdir / "t.t7", tmp_path / "t.t7")
     before = files(tmp_path)
-    assert train(tiny_imagefolder, tmp_path, "-t", "t", "--cosine", "--resume") is None
+    out = train(tiny_imagefolder, tmp_path, "-t", "t", "--cosine", "--resume")
     assert "has finished its 1 epochs: nothing to do" in capsys.readouterr().out
+    # nothing trained: the result is the checkpoint's log, without a network
+    assert out.model is None and out.teacher is None and out.seconds == 0
+    assert out.checkpoint == str(tmp_path / "t.t7")
+    assert out.log == torch.load(tmp_path / "t.t7", weights_only=True)["log"]
+    assert [r["epoch"] for r in out.log] == [1] and out.val_error == out.log[-1]["val_error"]
     assert files(tmp_path) == before
 
 
@@ -240,15 +248,15 @@ def test_atomic_write_respects_umask_and_existing_mode(tmp_path):
 
 def study_argv(folder, data, *extra):
     return ["cifar10", "--data_loc", data, "--wrn_depth", "10", "--wrn_width", "1",
-            "--candidates", "2", "--epochs", "1", "--batch_size", "8", "--train_subset", "16",
+            "--candidates", "3", "--epochs", "1", "--batch_size", "8", "--train_subset", "16",
             "--val_subset", "10", "--proxies", "params,fisher", "--out", str(folder), *extra]
 
 
 STUDY_BAD = {
     "infeasible_goal": (["--param_goal", "10"], "no genotype has params within"),
     "no_cuda": (["--device", "cuda"], "--device cuda: no CUDA GPU"),
-    "candidates_0": (["--candidates", "0"], "--candidates 0: must be at least 1"),
-    "epochs_0": (["--epochs", "0"], "--epochs 0: must be at least 1"),
+    "candidates_0": (["--candidates", "0"], "--candidates: 0: must be at least 3"),
+    "epochs_0": (["--epochs", "0"], "--epochs: 0: must be at least 1"),
     "no_data": (["--data_loc", "/nonexistent"], "not found at /nonexistent"),
 }
 
@@ -269,23 +277,24 @@ def test_study_survives_a_kill_in_candidate_0(tiny_imagefolder, tmp_path, monkey
                      "register_block('MyConvS8', lambda i, o, s: nn.Conv2d(i, o, 3, s, 1))\n")
     args = study.get_args_parser().parse_args(
         study_argv(tmp_path, tiny_imagefolder, "--module", str(block)))
-    real = study.train
+    import engine
+    real = engine.train_on
 
     def killed(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(study, "train", killed)
+    monkeypatch.setattr(engine, "train_on", killed)
     with pytest.raises(KeyboardInterrupt):
         study.main(args)
     path = tmp_path / "study.csv"
     header = path.read_text()
     assert header.count("\n") == 1 and header.startswith("index,convs,params,macs,fisher,")
-    monkeypatch.setattr(study, "train", real)
+    monkeypatch.setattr(engine, "train_on", real)
     for left in ("", header, header + "0,['Conv', 'Co"):   # 0 bytes, header only, a torn row
         path.write_text(left)
         df = study.main(args)
-        assert list(df["index"]) == [0, 1]
+        assert list(df["index"]) == [0, 1, 2]
         text = path.read_text()
-        assert text.count("index,") == 1 and text.count("\n") == 3, text
+        assert text.count("index,") == 1 and text.count("\n") == 4, text
         path.write_text(header)
 
 

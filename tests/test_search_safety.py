@@ -14,9 +14,12 @@ import pytest
 
 import count_ops
 import fisher_rank
-from funcs import Budget, load_genotype, run_cli
+import funcs
+import search
+from funcs import Budget, load_genotype
+from cli import run_cli
 from models import UserError
-from test_fisher_rank_cli import GOAL, argv, cached_cost_tables  # noqa: F401 (autouse fixture)
+from test_fisher_rank_cli import GOAL, NET, argv, cached_cost_tables  # noqa: F401 (autouse fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OTHER_NET = ["Conv"] * 18                  # a WRN-40-2 genotype: not for WRN-10-1
@@ -87,9 +90,9 @@ def _read_only_best_file(tmp_path, monkeypatch):
 
 
 BAD_SEARCHES = {   # name: (setup(tmp_path, monkeypatch) -> extra argv, text of the error)
-    "tol -1": (lambda t, m: ["--tol", "-1"], "--tol must lie strictly between 0 and 1"),
-    "tol 5": (lambda t, m: ["--tol", "5"], "--tol must lie strictly between 0 and 1"),
-    "tol 0": (lambda t, m: ["--tol", "0"], "--tol must lie strictly between 0 and 1"),
+    "tol -1": (lambda t, m: ["--tol", "-1"], "must lie strictly between 0 and 1"),
+    "tol 5": (lambda t, m: ["--tol", "5"], "must lie strictly between 0 and 1"),
+    "tol 0": (lambda t, m: ["--tol", "0"], "must lie strictly between 0 and 1"),
     "blocks comma": (lambda t, m: ["--blocks", ","], "names no block type"),
     "empty archs": (lambda t, m: ["--save_file", str((t / "a.csv").write_text("") or t / "a.csv")],
                     "is empty"),
@@ -177,33 +180,33 @@ def test_help_shows_every_default(parser):
 def test_candidate_source_is_printed(tiny_imagefolder, tmp_path, monkeypatch, capsys):
     args = fisher_rank.resolve(fisher_rank.get_args_parser().parse_args(
         argv(tiny_imagefolder, tmp_path, "--samples", "2")))
-    table = fisher_rank.cost_table(args, 10, fisher_rank.search_space(args))
-    _, source = fisher_rank.get_candidates(args, table)
+    table = search.cost_table(args, 10, search.search_space(args))
+    _, source = search.get_candidates(args, table)
     assert source == "sampled" and \
         "candidates: exact samples (--save_file none)" in capsys.readouterr().out
     monkeypatch.chdir(tmp_path)                    # the default archs file, relative to here
-    args.save_file = fisher_rank.DEFAULT_ARCHS
-    fisher_rank.get_candidates(args, table)
+    args.save_file = search.DEFAULT_ARCHS
+    search.get_candidates(args, table)
     assert "exact samples (archs/master_arch.csv absent)" in capsys.readouterr().out
     write_archs(tmp_path / "archs" / "master_arch.csv", [OTHER_NET])
-    _, source = fisher_rank.get_candidates(args, table)
+    _, source = search.get_candidates(args, table)
     assert source == "sampled" and "skipped, written for another network" in \
         capsys.readouterr().out
-    fits = fisher_rank.sample_genotypes(table, 3, Budget(GOAL, None, 0.3), seed=5)
+    fits = funcs.sample_genotypes(table, 3, Budget(GOAL, None, 0.3), seed=5)
     write_archs(tmp_path / "archs" / "master_arch.csv", [OUT_OF_BUDGET, *fits])
-    genotypes, source = fisher_rank.get_candidates(args, table)
+    genotypes, source = search.get_candidates(args, table)
     data = (tmp_path / "archs" / "master_arch.csv").read_bytes()
     assert genotypes == fits[:2] and source == "sha256:" + hashlib.sha256(data).hexdigest()
     assert "3 of its 4 rows meet this budget; scoring the first 2" in capsys.readouterr().out
     args.samples = 4                               # more than the file has: said, then sampled
-    _, source = fisher_rank.get_candidates(args, table)
+    _, source = search.get_candidates(args, table)
     assert source == "sampled" and "fewer than --samples 4" in capsys.readouterr().out
 
 
 def test_settings_record_the_archs_hash_not_its_path(tiny_imagefolder, tmp_path):
-    a = write_archs(tmp_path / "a.csv", fisher_rank.sample_genotypes(
-        fisher_rank.cost_table(fisher_rank.resolve(fisher_rank.get_args_parser().parse_args(
-            argv(tiny_imagefolder, tmp_path))), 10, list(fisher_rank.SEARCH_SPACE)),
+    a = write_archs(tmp_path / "a.csv", funcs.sample_genotypes(
+        search.cost_table(fisher_rank.resolve(fisher_rank.get_args_parser().parse_args(
+            argv(tiny_imagefolder, tmp_path))), 10, list(search.SEARCH_SPACE)),
         2, Budget(GOAL, None, 0.3), seed=3))
     s = run(tiny_imagefolder, tmp_path, "--samples", "1", "--save_file", a, "--no-plot")
     text = open(s["results"][:-4] + ".json").read()
@@ -228,9 +231,9 @@ def test_top_n_files_carry_their_rank_and_the_best_has_a_fixed_name(searched):
     out, s = searched
     df = pd.read_csv(s["results"]).sort_values("fisher", ascending=False)
     for rank, index in enumerate(df["index"][:2], 1):
-        g = pd.read_csv(out / "genotypes" / f"{GOAL}_{index}.csv")
+        g = pd.read_csv(out / "genotypes" / f"{NET}{GOAL}_{index}.csv")
         assert g["rank"][0] == rank and g["index"][0] == index
-    assert s["best_file"] == str(out / "results" / f"fisher_at_{GOAL}_best.csv")
+    assert s["best_file"] == str(out / "results" / f"{NET}fisher_at_{GOAL}_best.csv")
     assert load_genotype(s["best_file"]) == s["best_genotype"]
     assert s["best_index"] == df["index"].iloc[0]
 
@@ -261,7 +264,7 @@ def test_resume_on_other_data_is_refused(searched, tiny_imagefolder, tmp_path):
 def test_a_live_lock_refuses_a_stale_one_is_taken_over(searched, tiny_imagefolder, tmp_path,
                                                        capsys):
     copy_of(searched, tmp_path)
-    lock = tmp_path / "results" / f"fisher_at_{GOAL}.lock"
+    lock = tmp_path / "results" / f"{NET}fisher_at_{GOAL}.lock"
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         lock.write_text(f"{live.pid} {os.uname().nodename}\n")
@@ -281,7 +284,7 @@ def test_a_live_lock_refuses_a_stale_one_is_taken_over(searched, tiny_imagefolde
 
 def test_fewer_samples_than_stored_ranks_the_first(searched, tiny_imagefolder, tmp_path, capsys):
     summary = copy_of(searched, tmp_path)
-    results = tmp_path / "results" / f"fisher_at_{GOAL}.csv"
+    results = tmp_path / "results" / f"{NET}fisher_at_{GOAL}.csv"
     before = results.read_bytes()
     s = run(tiny_imagefolder, tmp_path, "--samples", "2", "--top_n", "2", "--no-plot")
     assert "holds 3 candidates; ranking the first 2" in capsys.readouterr().out
@@ -291,7 +294,7 @@ def test_fewer_samples_than_stored_ranks_the_first(searched, tiny_imagefolder, t
 
 
 def test_lock_is_released_and_a_torn_lock_is_stale(tmp_path, capsys):
-    from funcs import pid_lock
+    from files import pid_lock
     lock = tmp_path / "x.lock"
     with pid_lock(str(lock), "x"):
         assert lock.read_text().split()[0] == str(os.getpid())

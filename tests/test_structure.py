@@ -111,3 +111,54 @@ def test_imports_are_read_at_any_depth(tmp_path):
 def test_functions_are_narrow_and_short_or_say_why(limit, what, reason):
     over = [f"{f[0]} ({f[what]})" for f in functions() if f[what] > limit and reason not in f[3]]
     assert not over, f"over {limit} without '{reason}' in the docstring: {', '.join(over)}"
+
+
+# The command-line programs: each parses flags and calls library modules (no script imports
+# another). count_ops.py and plots.py have a small CLI too, but are library modules.
+SCRIPTS = ("main", "fisher_rank", "study", "export")
+MAX_LAYERS, MAX_MODULE_LINES = 6, 650
+
+
+def collapsed(graph):
+    """The graph with the models package as one node ('models')."""
+    name = lambda m: "models" if m.startswith("models") else m   # noqa: E731
+    out = {}
+    for m, deps in graph.items():
+        out.setdefault(name(m), set()).update(name(d) for d in deps)
+    return {m: sorted(d - {m}) for m, d in out.items()}
+
+
+def layers(graph):
+    """{module: layer}: 1 for a module that imports no project module, else one more than the
+    highest layer it imports (the longest import chain below it, counted in modules)."""
+    memo = {}
+
+    def layer(m):
+        if m not in memo:
+            memo[m] = 1 + max((layer(d) for d in graph.get(m, [])), default=0)
+        return memo[m]
+    return {m: layer(m) for m in graph}
+
+
+def test_no_script_imports_a_script():
+    graph = import_graph()
+    bad = [f"{m} -> {d}" for m, deps in graph.items() for d in deps if d in SCRIPTS]
+    assert not bad, f"a script is imported: {', '.join(bad)} (move what is shared to a library)"
+
+
+def test_the_import_graph_has_at_most_six_layers():
+    depth = layers(collapsed(import_graph()))
+    assert depth["models"] == 1 and max(depth.values()) <= MAX_LAYERS, sorted(
+        depth.items(), key=lambda kv: -kv[1])
+
+
+def test_layer_counter_and_script_rule_catch_what_they_should():
+    g = {"a": ["b"], "b": ["c"], "c": ["models.blocks"], "models.blocks": [], "models.archs": ["models.blocks"]}
+    assert layers(collapsed(g)) == {"a": 4, "b": 3, "c": 2, "models": 1}
+    assert collapsed({"study": ["main"]}) == {"study": ["main"]}   # what the script rule reads
+
+
+def test_no_module_is_over_650_lines():
+    long = {m: n for m, p in project_modules().items()
+            if (n := sum(1 for _ in open(p))) > MAX_MODULE_LINES}
+    assert not long, long

@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 
 import study
-from proxies import ProxySpec, kendall, spearman
+import stats
+from ensembles import ProxySpec
+from stats import kendall, spearman
 
 
 def test_batch_statistics_equal_the_one_pair_versions():
@@ -17,20 +19,20 @@ def test_batch_statistics_equal_the_one_pair_versions():
     x = rng.integers(0, 5, size=(7, 12)).astype(float)       # ties
     y = x + rng.normal(size=(7, 12))
     x[2] = 1.0                                              # a constant row: NaN
-    for batch, one in ((study.batch_spearman, spearman), (study.batch_kendall, kendall)):
+    for batch, one in ((stats.batch_spearman, spearman), (stats.batch_kendall, kendall)):
         expect = [one(a, b) for a, b in zip(x, y)]
         assert np.allclose(batch(x, y), expect, equal_nan=True)
-        assert np.allclose(study.chunked(batch, x, y, chunk=3), expect, equal_nan=True)
+        assert np.allclose(stats.chunked(batch, x, y, chunk=3), expect, equal_nan=True)
 
 
 def test_bootstrap_ci_is_deterministic_and_brackets_the_estimate():
     rng = np.random.default_rng(0)
     x = rng.normal(size=30)
     y = x + rng.normal(size=30)
-    lo, hi = study.bootstrap_ci(study.batch_spearman, x, y, 500, seed=1)
+    lo, hi = stats.bootstrap_ci(stats.batch_spearman, x, y, 500, seed=1)
     assert lo < spearman(x, y) < hi and -1 <= lo and hi <= 1
-    assert (lo, hi) == study.bootstrap_ci(study.batch_spearman, x, y, 500, seed=1)
-    assert study.bootstrap_ci(study.batch_kendall, x, 2 * x, 200) == (1.0, 1.0)   # perfect: every resample
+    assert (lo, hi) == stats.bootstrap_ci(stats.batch_spearman, x, y, 500, seed=1)
+    assert stats.bootstrap_ci(stats.batch_kendall, x, 2 * x, 200) == (1.0, 1.0)   # perfect: every resample
 
 
 def test_permutation_pvalue_against_exact_enumeration():
@@ -39,22 +41,22 @@ def test_permutation_pvalue_against_exact_enumeration():
     observed = abs(spearman(x, y))
     perms = list(itertools.permutations(y))
     exact = np.mean([abs(spearman(x, p)) >= observed - 1e-12 for p in perms])
-    assert study.permutation_pvalue(x, y, n_perm=4000) == pytest.approx(exact, abs=0.025)
-    assert math.isnan(study.permutation_pvalue(x, np.ones(6)))
+    assert stats.permutation_pvalue(x, y, n_perm=4000) == pytest.approx(exact, abs=0.025)
+    assert math.isnan(stats.permutation_pvalue(x, np.ones(6)))
 
 
 def test_top_hit_and_its_bootstrap_rate():
     error = np.array([5.0, 1, 3, 4, 2, 6, 7, 8, 9, 10, 11])     # candidate 1 is the best
-    assert study.top_hit([0, 9, 1, 2, 3, 4, 5, 6, 7, 8, 1], error)        # k = 2: 1 ranks first
-    assert not study.top_hit([9, 0, 8, 7, 6, 5, 4, 3, 2, 1, 0], error)
-    assert study.top_hit_rate(-error, error, n_boot=200) == 1.0           # a perfect proxy
-    assert study.top_hit_rate(error, error, n_boot=200) < 0.2             # an inverted one
+    assert stats.top_hit([0, 9, 1, 2, 3, 4, 5, 6, 7, 8, 1], error)        # k = 2: 1 ranks first
+    assert not stats.top_hit([9, 0, 8, 7, 6, 5, 4, 3, 2, 1, 0], error)
+    assert stats.top_hit_rate(-error, error, n_boot=200) == 1.0           # a perfect proxy
+    assert stats.top_hit_rate(error, error, n_boot=200) < 0.2             # an inverted one
 
 
 def _args(folder, **kw):
     base = dict(dataset="cifar10", data_loc=folder, wrn_depth=10, wrn_width=1, param_goal=None,
                 mac_goal=None, epochs=1, train_subset=100, val_subset=5, train_seeds=2,
-                score_seeds=2, bootstrap=60)
+                score_seeds=2, bootstrap=60, seed=0)
     base.update(kw)
     return types.SimpleNamespace(**base)
 
@@ -81,12 +83,15 @@ def test_summary_states_images_used_noise_ceiling_warning_and_stability(tiny_ima
     assert "Proxy stability over 2 initialisations" in text and "snip +1.00" in text
     quiet = study.summarise(df.assign(val_error_1=df["val_error_0"]),
                             ProxySpec("snip"), _args(tiny_imagefolder), 60)
-    assert "+1.00." in quiet and "WARNING" not in quiet
+    assert "+1.00 measured." in quiet and "WARNING" not in quiet
+    # the variance components of the whole study, beside the measured ceiling
+    assert "Predicted noise ceiling (variance components of 20 candidates x 2 seeds)" in text
+    assert "seed-to-seed 0 [0, 0]" in quiet
 
 
 def test_study_with_two_training_and_two_scoring_seeds(tmp_path, tiny_imagefolder, capsys):
     argv = ["cifar10", "--data_loc", tiny_imagefolder, "--wrn_depth", "10", "--wrn_width", "1",
-            "--candidates", "2", "--epochs", "1", "--batch_size", "8", "--train_subset", "16",
+            "--candidates", "3", "--epochs", "1", "--batch_size", "8", "--train_subset", "16",
             "--val_subset", "10", "--out", str(tmp_path), "--proxies", "snip,params,rank:snip+params",
             "--train_seeds", "2", "--score_seeds", "2", "--bootstrap", "50"]
     df = study.main(study.get_args_parser().parse_args(argv))
@@ -95,7 +100,7 @@ def test_study_with_two_training_and_two_scoring_seeds(tmp_path, tiny_imagefolde
     assert np.allclose(df["val_error"], (df["val_error_0"] + df["val_error_1"]) / 2)
     assert (df["snip"] != df["snip@1"]).all()                 # another initialisation
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.t7")) == sorted(
-        f"candidate_{i}{s}.t7" for i in range(2) for s in ("", "_seed1"))
+        f"candidate_{i}{s}.t7" for i in range(3) for s in ("", "_seed1"))
     out = capsys.readouterr().out
     assert "| rank:snip+params |" in out and "Noise ceiling" in out
     assert "on 16 training images (asked 16)" in out

@@ -1,0 +1,536 @@
+"""One job layer, three launchers: run many independent trainings (or any function of a
+payload) inline, as worker processes on this machine, or as a Slurm job array (submitit).
+
+    results = run_jobs(fn, [Job("cand0_seed0", payload0), ...], LaunchSettings(...))
+
+`fn` is a top-level (picklable) function `fn(payload) -> dict` whose result is JSON-
+serialisable. Every launcher runs the same wrapper (`run_job`) around it, which writes the
+result to `<log_dir>/<name>.result.json` (atomically) when the job ends. run_jobs first
+collects the jobs whose result file exists and runs only the rest, so a run killed half-way
+and started again, with any launcher, trains only the unfinished jobs. The returned results
+are read back from those files, so they are the same numbers whichever launcher ran them.
+
+Where the jobs run (scripts take these through `launcher_args()` and `launch_settings()`):
+- inline: one after another in this process, output on the console.
+- local:  --jobs N worker processes (a fresh spawned process per job). On CUDA the workers
+          are spread over the visible GPUs, --jobs_per_device K per GPU, each worker seeing
+          exactly one (CUDA_VISIBLE_DEVICES), so `cuda` in a job means its own GPU. Threads per
+          job = cores // N unless pinned. Each job's output goes to `<log_dir>/<name>.log`.
+- slurm:  submitit's AutoExecutor, one job array; without Slurm, submitit's local executor
+          runs the same path (how the tests exercise it).
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import re
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from tqdm import tqdm
+
+from cli import at_least
+from files import atomic_write
+from models.blocks import UserError
+
+LAUNCHERS = ("inline", "local", "slurm")
+NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+=-]*$")   # becomes a file name
+STOP_GRACE_S = 10   # seconds a stopped worker gets to clean up (DataLoader workers) before SIGKILL
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work: a unique, file-name-safe `name` and the `payload` fn receives."""
+    name: str
+    payload: Any
+
+
+@dataclass(frozen=True)
+class LaunchSettings:
+    """Where and how run_jobs runs the jobs (see the module docstring)."""
+    launcher: str = "inline"
+    jobs: int = 0                 # local: concurrent workers; 0: GPUs x jobs_per_device, or cores
+    jobs_per_device: int = 1      # local on CUDA: workers sharing one GPU (small networks)
+    threads: int = 0              # torch threads per job; 0: cores // jobs (slurm: its cores)
+    log_dir: str = "jobs"         # <name>.log, <name>.result.json, submitit/
+    device: str = "cpu"           # device kind the jobs use: cpu, cuda or mps
+    slurm_partition: Optional[str] = None
+    slurm_gpus_per_job: int = 0
+    slurm_time: int = 120         # minutes per job before Slurm kills it (a rerun resumes)
+    slurm_parallel: int = 0       # array tasks running at once; 0: submitit's default (256)
+
+
+@dataclass(frozen=True)
+class Failure:
+    name: str
+    log: Optional[str]            # None: inline, the traceback is on the console
+    reason: str
+
+
+class JobsFailed(UserError):
+    """Some jobs failed; `results` holds the ones that finished, `failures` the others."""
+
+    def __init__(self, results: Dict[str, dict], failures: List[Failure]):
+        self.results, self.failures = results, failures
+        where = "; ".join(f"{f.name} ({f.reason}{', log: ' + f.log if f.log else ''})"
+                          for f in failures[:5])
+        more = f"; and {len(failures) - 5} more" if len(failures) > 5 else ""
+        super().__init__(f"{len(failures)} of {len(results) + len(failures)} jobs failed: "
+                         f"{where}{more}")
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+def launcher_args() -> argparse.ArgumentParser:
+    """--launcher, --jobs, --jobs_per_device, --threads_per_job and the --slurm_* flags (a
+    parent parser); launch_settings() turns them into a LaunchSettings."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("launcher (where the trainings run; docs/scale.md)")
+    g.add_argument("--launcher", default="inline", choices=LAUNCHERS,
+                   help="inline: one after another here; local: --jobs worker processes; "
+                        "slurm: a submitit job array (submitit's local executor without Slurm)")
+    g.add_argument("--jobs", default=0, type=at_least(0),
+                   help="local: workers at once (0: visible GPUs x --jobs_per_device, on a "
+                        "CPU one per core)")
+    g.add_argument("--jobs_per_device", default=1, type=at_least(1),
+                   help="local on CUDA: workers per GPU, for networks too small to fill one")
+    g.add_argument("--threads_per_job", default=0, type=at_least(0),
+                   help="torch threads per job (0: cores // --jobs; slurm: the task's cores)")
+    g.add_argument("--slurm_partition", default=None,
+                   help="slurm: partition (None: the cluster's own)")
+    g.add_argument("--slurm_gpus_per_job", default=None, type=at_least(0),
+                   help="slurm: GPUs per array task (default: 1 with --device cuda, else 0)")
+    g.add_argument("--slurm_time", default=120, type=at_least(1),
+                   help="slurm: minutes per job before Slurm kills it (a rerun finishes it)")
+    g.add_argument("--slurm_parallel", default=0, type=at_least(0),
+                   help="slurm: array tasks running at once (0: submitit's limit, 256)")
+    return p
+
+
+def launch_settings(args, log_dir: str, device: str) -> LaunchSettings:
+    """The LaunchSettings of parsed launcher_args() flags; `device` is the script's resolved
+    device (cuda:1 counts as cuda: the local launcher hands each worker its own GPU)."""
+    kind = torch.device(device).type
+    gpus = args.slurm_gpus_per_job
+    return LaunchSettings(
+        launcher=args.launcher, jobs=args.jobs, jobs_per_device=args.jobs_per_device,
+        threads=args.threads_per_job, log_dir=log_dir, device=kind,
+        slurm_partition=args.slurm_partition,
+        slurm_gpus_per_job=(1 if kind == "cuda" else 0) if gpus is None else gpus,
+        slurm_time=args.slurm_time, slurm_parallel=args.slurm_parallel)
+
+
+# --------------------------------------------------------------------------------------------
+# The job wrapper and its result files (the same in every launcher)
+# --------------------------------------------------------------------------------------------
+
+def result_path(log_dir: str, name: str) -> str:
+    return os.path.join(log_dir, f"{name}.result.json")
+
+
+def log_path(log_dir: str, name: str) -> str:
+    return os.path.join(log_dir, f"{name}.log")
+
+
+def _plain(payload) -> Any:
+    """The payload as JSON data (a dataclass settings record as its fields), so a result file
+    can say which payload it was computed for."""
+    if dataclasses.is_dataclass(payload) and not isinstance(payload, type):
+        payload = dataclasses.asdict(payload)
+    return json.loads(json.dumps(payload, sort_keys=True, default=repr))
+
+
+def load_result(log_dir: str, job: Job) -> Optional[dict]:
+    """The finished result of `job`, or None when it has not finished. A result file written
+    for another payload (settings changed, same folder) is a UserError, never reused."""
+    path = result_path(log_dir, job.name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        record = json.load(f)
+    if record.get("payload") != _plain(job.payload):
+        raise UserError(f"{path} holds job {job.name}'s result for other settings; pass "
+                        f"another output folder, or delete the file to train it again")
+    return record["result"]
+
+
+def run_job(fn: Callable, job: Job, log_dir: str, threads: int = 0) -> dict:
+    """Run fn(job.payload) here and write its result file: the wrapper every launcher runs
+    (in this process, in a worker, in a Slurm task). threads > 0 pins torch's threads."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    result = fn(job.payload)
+    record = {"name": job.name, "payload": _plain(job.payload), "result": result}
+    text = json.dumps(record, indent=1)   # a result that is not JSON data fails the job here
+    atomic_write(result_path(log_dir, job.name), lambda f: f.write(text.encode()))
+    return json.loads(text)["result"]
+
+
+@contextlib.contextmanager
+def _output_to(path: str):
+    """stdout and stderr, at the file-descriptor level (C++ and subprocess output too),
+    appended to `path` while the body runs; a rerun appends, nothing is lost."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "ab", buffering=0) as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def _header(job: Job, threads: int) -> str:
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (f"== job {job.name}: started {time.strftime('%Y-%m-%d %H:%M:%S')}, pid "
+            f"{os.getpid()}, torch threads {threads or torch.get_num_threads()}"
+            f"{', CUDA_VISIBLE_DEVICES=' + gpu if gpu is not None else ''}")
+
+
+def _logged_job(fn: Callable, job: Job, log_dir: str, threads: int) -> dict:
+    """run_job with the job's output appended to <log_dir>/<name>.log (local and slurm)."""
+    with _output_to(log_path(log_dir, job.name)):
+        print(_header(job, threads), flush=True)
+        result = run_job(fn, job, log_dir, threads)
+        print(f"== job {job.name}: done {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
+        return result
+
+
+def _slurm_task(fn: Callable, job: Job, log_dir: str, threads: int) -> dict:
+    """A Slurm array task: threads default to the cores Slurm gave it (its CPU affinity)."""
+    return _logged_job(fn, job, log_dir, threads or len(os.sched_getaffinity(0)))
+
+
+# --------------------------------------------------------------------------------------------
+# run_jobs
+# --------------------------------------------------------------------------------------------
+
+def _check_jobs(fn: Callable, jobs: Sequence[Job]) -> None:
+    names = [j.name for j in jobs]
+    bad = [n for n in names if not isinstance(n, str) or not NAME_OK.match(n)]
+    if bad:
+        raise ValueError(f"job names must be file-name safe ({NAME_OK.pattern}): {bad[:3]}")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"job names must be unique: {dupes[:3]}")
+    if getattr(fn, "__name__", "") == "<lambda>" or "<locals>" in getattr(fn, "__qualname__", ""):
+        raise ValueError(f"fn must be a top-level function (worker processes import it): {fn!r}")
+
+
+class _Collector:
+    """The results and failures of one run_jobs call as its jobs end, and the caller's
+    on_result hook (called here, in the calling process)."""
+
+    def __init__(self, log_dir: str, on_result: Optional[Callable[[str, dict], None]]):
+        self.log_dir, self.on_result = log_dir, on_result
+        self.results: Dict[str, dict] = {}
+        self.failures: List[Failure] = []
+
+    def finished(self, job: Job) -> bool:
+        """Take `job`'s result file (False, and a failure, when it has none)."""
+        result = load_result(self.log_dir, job)
+        if result is None:
+            self.failed(job, log_path(self.log_dir, job.name), "no result file")
+            return False
+        self.results[job.name] = result
+        if self.on_result is not None:
+            self.on_result(job.name, result)
+        return True
+
+    def failed(self, job: Job, log: Optional[str], reason: str) -> None:
+        self.failures.append(Failure(job.name, log, reason))
+
+
+def run_jobs(fn: Callable, jobs: Sequence[Job], launcher: LaunchSettings,
+             on_result: Optional[Callable[[str, dict], None]] = None,
+             progress: bool = True) -> Dict[str, dict]:
+    """{name: result} of every job, in the order of `jobs`: finished ones read from their
+    result files, the rest run by `launcher`. on_result(name, result) is called in this
+    process for each result, those finished before first, the others as they end (a study
+    appends its rows and checks its noise there); an exception it raises stops the run like
+    Ctrl-C does. Failed jobs do not stop the others; at the end they raise JobsFailed (which
+    holds the finished results). Ctrl-C / SIGTERM stop every worker and re-raise
+    KeyboardInterrupt."""
+    _check_jobs(fn, jobs)
+    os.makedirs(launcher.log_dir, exist_ok=True)
+    collect = _Collector(launcher.log_dir, on_result)
+    todo = [j for j in jobs if load_result(launcher.log_dir, j) is None]
+    pending = {j.name for j in todo}
+    if len(todo) < len(jobs) and progress:
+        print(f"jobs: {len(jobs) - len(todo)} of {len(jobs)} already finished in "
+              f"{launcher.log_dir}; running the other {len(todo)}", flush=True)
+    for job in jobs:
+        if job.name not in pending:
+            collect.finished(job)
+    run = {"inline": _run_inline, "local": _run_local, "slurm": _run_slurm}[launcher.launcher]
+    if todo:
+        run(fn, todo, launcher, progress, collect)
+    results = {j.name: collect.results[j.name] for j in jobs if j.name in collect.results}
+    if collect.failures:
+        raise JobsFailed(results, collect.failures)
+    return results
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """Pin torch's threads to n (> 0) for the body, then restore them."""
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_inline(fn, todo, s: LaunchSettings, progress: bool, collect: _Collector) -> None:
+    """One after another in this process; a job's exception is printed and the others go on
+    (Ctrl-C is not an exception here: it stops the run)."""
+    with _torch_threads(s.threads):
+        for i, job in enumerate(todo):
+            if progress:
+                print(f"== job {i + 1}/{len(todo)}: {job.name}", flush=True)
+            try:
+                run_job(fn, job, s.log_dir)
+            except Exception as e:
+                traceback.print_exc()
+                collect.failed(job, None, f"{type(e).__name__}: {e}")
+                continue
+            collect.finished(job)
+
+
+# --------------------------------------------------------------------------------------------
+# local: worker processes
+# --------------------------------------------------------------------------------------------
+
+def _visible_gpus() -> List[str]:
+    """The CUDA device ids this process may hand out (CUDA_VISIBLE_DEVICES's, if set)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d.strip() for d in listed.split(",") if d.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def worker_slots(s: LaunchSettings, cores: int, gpus: Sequence[str]) -> Tuple[List[dict], int]:
+    """(the environment of each concurrent worker, torch threads per job). On CUDA worker i
+    sees GPU i // jobs_per_device only; threads = cores // workers unless pinned."""
+    if s.device == "cuda":
+        if not gpus:
+            raise UserError("--launcher local with --device cuda: no CUDA device is visible")
+        n = s.jobs or len(gpus) * s.jobs_per_device
+        if n > len(gpus) * s.jobs_per_device:
+            raise UserError(f"--jobs {n} needs more than the {len(gpus)} visible GPU(s) x "
+                            f"--jobs_per_device {s.jobs_per_device}; raise --jobs_per_device")
+        envs = [{"CUDA_VISIBLE_DEVICES": gpus[i // s.jobs_per_device]} for i in range(n)]
+    else:
+        n = s.jobs or cores
+        envs = [{} for _ in range(n)]
+    threads = s.threads or max(1, cores // n)
+    for env in envs:   # read by OpenMP/MKL as torch loads, before set_num_threads runs
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return envs, threads
+
+
+@contextlib.contextmanager
+def _environment(env: Dict[str, str]):
+    """os.environ with `env` while the body starts a process (which inherits it), restored
+    after: a spawned worker must see its GPU and threads before it imports torch."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _watch_parent(parent: int) -> None:
+    """Stop this worker (as SIGTERM would) when its parent dies, even by SIGKILL: no orphan
+    keeps training for a run that is gone."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _worker(blob: bytes, log_dir: str, name: str, threads: int, parent: int) -> None:
+    """A local worker process: output to its log, SIGTERM as KeyboardInterrupt (so `finally`
+    blocks and DataLoader workers clean up), then the wrapped job; any failure is a traceback
+    in the log and exit status 1."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    _watch_parent(parent)
+    torch.set_num_threads(threads)
+    with _output_to(log_path(log_dir, name)):
+        try:
+            fn, job = pickle.loads(blob)   # imports fn's module: after the log is open
+            print(_header(job, threads), flush=True)
+            run_job(fn, job, log_dir, threads)
+            print(f"== job {name}: done {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
+        except BaseException:
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(1)
+
+
+def _stop(procs) -> None:
+    """SIGTERM every live worker, give them STOP_GRACE_S to clean up, SIGKILL the rest, and
+    reap them all."""
+    procs = [p for p in procs if p.is_alive()]
+    for p in procs:
+        p.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM to this process raises KeyboardInterrupt while the body runs (main thread
+    only), so `kill <pid>` stops the workers like Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _run_local(fn, todo, s: LaunchSettings, progress: bool, collect: _Collector) -> None:
+    """A fresh spawned process per job, at most one per slot at a time."""
+    envs, threads = worker_slots(s, len(os.sched_getaffinity(0)), _visible_gpus())
+    ctx, queue, free = multiprocessing.get_context("spawn"), list(todo), list(range(len(envs)))
+    running = {}
+    bar = tqdm(total=len(todo), desc=f"jobs ({len(envs)} workers)", unit="job",
+               disable=not progress, dynamic_ncols=True)
+    try:
+        with _sigterm_as_interrupt():
+            while queue or running:
+                while queue and free:
+                    slot, job = free.pop(0), queue.pop(0)
+                    p = ctx.Process(target=_worker, name=f"job-{job.name}", args=(
+                        pickle.dumps((fn, job)), s.log_dir, job.name, threads, os.getpid()))
+                    with _environment(envs[slot]):
+                        p.start()
+                    running[p.sentinel] = (p, job, slot)
+                for sentinel in multiprocessing.connection.wait(list(running), timeout=1.0):
+                    p, job, slot = running.pop(sentinel)
+                    p.join()
+                    free.append(slot)
+                    bar.update(1)
+                    if p.exitcode == 0:
+                        collect.finished(job)
+                    else:
+                        collect.failed(job, log_path(s.log_dir, job.name),
+                                       f"exit status {p.exitcode}")
+                        bar.write(f"job {job.name} failed: see {log_path(s.log_dir, job.name)}")
+                    bar.set_postfix(failed=len(collect.failures))
+    except BaseException:
+        _stop(p for p, _, _ in running.values())
+        raise
+    finally:
+        bar.close()
+
+
+# --------------------------------------------------------------------------------------------
+# slurm: a submitit job array
+# --------------------------------------------------------------------------------------------
+
+def _executor(s: LaunchSettings):
+    """submitit's AutoExecutor (Slurm where `srun` is found, else its local executor) with
+    the job array's resources (cpus_per_task = --threads_per_job when set)."""
+    import submitit   # only the slurm launcher needs it
+    ex = submitit.AutoExecutor(folder=os.path.join(s.log_dir, "submitit"))
+    params = dict(timeout_min=s.slurm_time, gpus_per_node=s.slurm_gpus_per_job,
+                  tasks_per_node=1, nodes=1, name="blockswap")
+    if s.threads:
+        params["cpus_per_task"] = s.threads
+    if s.slurm_partition:
+        params["slurm_partition"] = s.slurm_partition
+    if s.slurm_parallel:
+        params["slurm_array_parallelism"] = s.slurm_parallel
+    ex.update_parameters(**params)
+    return ex
+
+
+def _import_path() -> str:
+    """This process's import path as PYTHONPATH, so a job (on a node, or under submitit's
+    local executor) imports fn's module as this process did, wherever it was started."""
+    return os.pathsep.join(p or os.getcwd() for p in sys.path if os.path.isdir(p or "."))
+
+
+def _waves(todo: List[Job], ex, s: LaunchSettings) -> List[List[Job]]:
+    """One array on Slurm; submitit's local executor starts every job at once, so there the
+    jobs go in waves of --slurm_parallel (or --jobs, or the cores)."""
+    if ex.cluster == "slurm":
+        return [todo]
+    size = s.slurm_parallel or s.jobs or len(os.sched_getaffinity(0))
+    return [todo[i:i + size] for i in range(0, len(todo), size)]
+
+
+def _run_slurm(fn, todo, s: LaunchSettings, progress: bool, collect: _Collector) -> None:
+    import submitit
+    ex, submitted = _executor(s), []
+    bar = tqdm(total=len(todo), desc="jobs (submitit)", unit="job", disable=not progress,
+               dynamic_ncols=True)
+    poll = 10.0 if ex.cluster == "slurm" else 0.2   # seconds; squeue is not to be hammered
+    try:
+        for wave in _waves(todo, ex, s):
+            n = len(wave)
+            # clean_env: a driver that is itself a Slurm job (srun python study.py ...)
+            # must not pass its own SLURM_* allocation on to the array
+            with _environment({"PYTHONPATH": _import_path()}), submitit.helpers.clean_env():
+                submitted = ex.map_array(_slurm_task, [fn] * n, wave, [s.log_dir] * n,
+                                         [s.threads] * n)
+            by_id = {id(j): job for j, job in zip(submitted, wave)}
+            for j in submitit.helpers.as_completed(submitted, poll_frequency=poll):
+                job = by_id[id(j)]
+                bar.update(1)
+                try:
+                    j.result()
+                except Exception as e:   # FailedJobError, UncompletedJobError (timeout)
+                    collect.failed(job, log_path(s.log_dir, job.name),
+                                   f"{type(e).__name__}; submitit log {j.paths.stderr}")
+                    bar.write(f"job {job.name} failed: see {log_path(s.log_dir, job.name)}")
+                else:
+                    collect.finished(job)
+                bar.set_postfix(failed=len(collect.failures))
+    except BaseException:
+        for j in submitted:   # scancel the array's unfinished tasks / stop local controllers
+            if not j.done():
+                j.cancel(check=False)
+        raise
+    finally:
+        bar.close()
