@@ -112,14 +112,6 @@ class CostTable:
         """The table of a registered network (models.archs): its slots, its input size."""
         return cls(net.slots(), net.build("Conv"), net.image_size, names)
 
-    @classmethod
-    def for_wrn(cls, depth=40, width=2, num_classes=10, names=SEARCH_SPACE):
-        return cls.for_network(Network("wrn", depth, width, num_classes), names)
-
-    @classmethod
-    def for_resnet(cls, arch="resnet34", num_classes=1000, names=SEARCH_SPACE):
-        return cls.for_network(Network(arch, None, None, num_classes), names)
-
     @property
     def n_positions(self) -> int:
         return self.params.shape[0]

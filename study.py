@@ -143,12 +143,14 @@ def check_settings(folder, args):
     """A resumed study must use the settings it started with (settings.json beside it)."""
     os.makedirs(folder, exist_ok=True)
     settings = {k: v for k, v in vars(args).items()
-                if k not in ("workers", "device", "out", "cache_dir", "bootstrap", "download")
+                if k not in ("workers", "device", "out", "cache_dir", "bootstrap", "download",
+                             "stop_if_noisy", *LAUNCH_FLAGS)   # where it runs, not what
                 and not (k in ("train_seeds", "score_seeds") and v == 1)   # old studies resume
                 and not (k == "tol" and v == 0.025)}
     check_search_settings(os.path.join(folder, "settings.json"), settings)
 
 
+LAUNCH_FLAGS = [a.dest for a in launcher_args()._actions]   # --launcher, --jobs, --slurm_*, ...
 REPLICA_STRIDE = 1000            # seed offset of training/scoring replica r: seed + index + 1000 r
 LOW_CEILING = 0.7                # a seed-to-seed rank correlation below this: ranking on noise
 

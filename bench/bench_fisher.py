@@ -20,7 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from count_ops import CostTable  # noqa: E402
 from funcs import Budget, fisher_scores, sample_genotypes  # noqa: E402
-from models import WideResNet, residual_blocks  # noqa: E402
+from models import Network, WideResNet, residual_blocks  # noqa: E402
 from proxies import PROXIES, get_proxy  # noqa: E402
 
 
@@ -82,7 +82,7 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
 
     t = time.perf_counter()
-    table = CostTable.for_wrn(40, 2)
+    table = CostTable.for_network(Network("wrn", 40, 2, 10))
     print(f"cost table WRN-40-2 (24 types x 18 positions): {time.perf_counter() - t:.2f} s")
     genotype = sample_genotypes(table, 1, Budget(800_000), seed=0)[0]
     x = torch.randn(args.batch_size, 3, 32, 32, device=device)

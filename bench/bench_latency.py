@@ -172,7 +172,7 @@ def main(args):
         args.out = args.out or os.path.join(tempfile.mkdtemp(), "latency_quick.png")
     args.out = args.out or "docs/latency_wrn40_2_cpu.png"
     family = family_of(Network("wrn", args.wrn_depth, args.wrn_width))
-    ct = CostTable.for_wrn(args.wrn_depth, args.wrn_width, names=names)
+    ct = CostTable.for_network(Network("wrn", args.wrn_depth, args.wrn_width, 10), names=names)
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         repeats = args.repeats or (15 if batch == 1 else 3)

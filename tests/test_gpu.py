@@ -12,8 +12,10 @@ import torch
 import main as M
 import engine as E
 from conftest import ROOT, killed_in_epoch
+from files import load_checkpoint, model_from_checkpoint
 from funcs import fisher_scores
 from models import Network, WideResNet
+from runtime import Runtime
 from test_main import base_argv, load
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -51,8 +53,8 @@ def first_step(rt, compile=False):
 def test_autocast_step_with_channels_last_matches_fp32_cpu(amp):
     if amp == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         pytest.skip("no bf16 on this GPU")
-    reference, _ = first_step(M.Runtime(CPU))
-    loss, model = first_step(M.Runtime(CUDA, amp_dtype=amp, channels_last=True))
+    reference, _ = first_step(Runtime(CPU))
+    loss, model = first_step(Runtime(CUDA, amp_dtype=amp, channels_last=True))
     # the loss is taken before the update: only the precision differs from the CPU fp32 one
     assert loss == pytest.approx(reference, rel=2e-2)
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
@@ -61,8 +63,8 @@ def test_autocast_step_with_channels_last_matches_fp32_cpu(amp):
 
 
 def test_compiled_step_matches_eager_on_cuda():
-    eager, _ = first_step(M.Runtime(CUDA, amp_dtype=torch.bfloat16, channels_last=True))
-    compiled, _ = first_step(M.Runtime(CUDA, amp_dtype=torch.bfloat16, channels_last=True,
+    eager, _ = first_step(Runtime(CUDA, amp_dtype=torch.bfloat16, channels_last=True))
+    compiled, _ = first_step(Runtime(CUDA, amp_dtype=torch.bfloat16, channels_last=True,
                                        compile=True), compile=True)
     assert compiled == pytest.approx(eager, rel=1e-2)
 
@@ -76,11 +78,11 @@ def test_checkpoint_written_on_cuda_loads_on_cpu(tiny_imagefolder, tmp_path):
     ckpt = load(tmp_path / "g.t7")
     assert all(v.device == CPU for v in ckpt["net"].values())
     assert ckpt["args"]["amp"] in ("bf16", "fp16") and ckpt["args"]["channels_last"] is True
-    on_cpu = M.model_from_checkpoint(M.load_checkpoint(str(tmp_path / "g.t7")), "g").eval()
+    on_cpu = model_from_checkpoint(load_checkpoint(str(tmp_path / "g.t7")), "g").eval()
     x, _ = batch(8)
     with torch.no_grad(), strict_fp32():
         a = on_cpu(x)[0]
-        b = out["model"].eval()(x.to(CUDA))[0].float().cpu()   # fp32: no autocast here
+        b = out.model.eval()(x.to(CUDA))[0].float().cpu()   # fp32: no autocast here
     torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
 
@@ -92,7 +94,7 @@ def test_checkpoint_written_on_cpu_resumes_on_cuda(tiny_imagefolder, tmp_path, m
     assert before["epoch"] == 1
     out = run_main(tiny_imagefolder, tmp_path, *common, "--device", "cuda", "--resume")
     after = load(tmp_path / "c.t7")
-    assert after["epoch"] == 2 and next(out["model"].parameters()).device.type == "cuda"
+    assert after["epoch"] == 2 and next(out.model.parameters()).device.type == "cuda"
     assert not torch.equal(before["net"]["fc.weight"], after["net"]["fc.weight"])
     assert all(torch.isfinite(v).all() for v in after["net"].values() if v.is_floating_point())
 

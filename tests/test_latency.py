@@ -32,7 +32,7 @@ def family():
 
 @pytest.fixture(scope="module")
 def ct():
-    return CostTable.for_wrn(10, 1, names=NAMES)
+    return CostTable.for_network(Network("wrn", 10, 1, 10), names=NAMES)
 
 
 @pytest.fixture(autouse=True)

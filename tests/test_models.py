@@ -7,8 +7,9 @@ import torch
 import torch.nn as nn
 
 from count_ops import CostTable, count_params, measure_model, paper_macs
-from models import (BLOCK_TYPES, SEARCH_SPACE, ResNet, UserError, WideResNet, register_block,
-                    residual_blocks, resnet34)
+from models import (BLOCK_TYPES, SEARCH_SPACE, Network, ResNet, UserError, WideResNet,
+                    register_block, residual_blocks, resnet34)
+
 from models.blocks import BLOCK_TYPES as TABLE, load_block_module
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -114,7 +115,7 @@ def test_measure_model_against_hook_count():
 
 def test_cost_table_equals_built_networks():
     g = torch.Generator().manual_seed(1)
-    table = CostTable.for_wrn(16, 2)
+    table = CostTable.for_network(Network("wrn", 16, 2, 10))
     for _ in range(5):
         geno = [SEARCH_SPACE[i] for i in torch.randint(len(SEARCH_SPACE), (6,), generator=g)]
         assert table.cost(geno) == measure_model(WideResNet(16, 2, geno), 32, 32)[::-1]
@@ -129,7 +130,7 @@ def test_resnet34_genotypes():
     net = resnet34(load_genotype(os.path.join(HERE, "..", "genotypes", "bs_imagenet_1.csv")))
     assert len(residual_blocks(net)) == 16
     assert round(count_params(net) / 1e6, 1) == 3.1          # the paper's ~3.1M student
-    table = CostTable.for_resnet("resnet34")
+    table = CostTable.for_network(Network("resnet34", None, None, 1000))
     assert table.cost(net.genotype) == measure_model(net, 224, 224)[::-1]
     small = ResNet((1, 1, 1, 1), ["Conv", "DConvG4", "G4B2", "ConvB2"], num_classes=7)
     logits, acts = small(torch.randn(2, 3, 64, 64))

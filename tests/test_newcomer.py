@@ -291,3 +291,84 @@ def test_decoding_and_search_log_without_carriage_returns(tiny_imagefolder, tmp_
     out = capfd.readouterr()
     assert "\r" not in out.err + out.out and out.err == "", out.err
     assert "decoding" in out.out and f"fisher at {GOAL}: 2/2 (100%)" in out.out, out.out
+
+
+# --------------------------------------------------------------------------------------------
+# Items 1, 3: a study's --out is locked and its rows are unique by index; too few candidates.
+# --------------------------------------------------------------------------------------------
+
+def study_cli(folder, data, *extra):
+    import study
+    from test_safety import study_argv
+    p = study.get_args_parser()
+    return lambda: run_cli(study.main, p, study_argv(folder, data, *extra))
+
+
+def test_a_second_study_into_one_out_is_refused(tiny_imagefolder, tmp_path, capsys):
+    # a live run holds the lock (this process stands for it): the second one writes nothing
+    (tmp_path / "study.lock").write_text(f"{os.getpid()} {__import__('socket').gethostname()}\n")
+    err = one_line(capsys, study_cli(tmp_path, tiny_imagefolder), tmp_path)
+    assert "another run" in err and "study.csv" in err
+
+
+def test_study_rows_read_back_are_unique_by_index(tiny_imagefolder, tmp_path):
+    import study
+    from test_safety import study_argv
+    args = study.get_args_parser().parse_args(study_argv(tmp_path, tiny_imagefolder))
+    df = study.main(args)
+    path = tmp_path / "study.csv"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines + lines[1:]) + "\n")   # what two writers used to leave
+    again = study.main(args)
+    assert list(again["index"]) == [0, 1, 2]
+    assert again["val_error"].tolist() == df["val_error"].tolist()
+
+
+@pytest.mark.parametrize("n", ["1", "2"])
+def test_study_refuses_fewer_than_three_candidates(n, tiny_imagefolder, tmp_path, capsys):
+    err = one_line(capsys, study_cli(tmp_path, tiny_imagefolder, "--candidates", n), tmp_path)
+    assert f"--candidates: {n}: must be at least 3" in err
+
+
+# --------------------------------------------------------------------------------------------
+# Items 5, 6, 13: flags refused at start-up, one line each.
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dkd_warmup", "-5"], "--dkd_warmup: -5: must be at least 0"),
+    (["--dkd_temperature", "-4"], "--dkd_temperature: -4: must be a positive number"),
+    (["--dkd_temperature", "0"], "--dkd_temperature: 0: must be a positive number"),
+    (["--dkd_beta", "-6"], "--dkd_beta: -6: must be at least 0"),
+    (["--dist_temperature", "0"], "--dist_temperature: 0: must be a positive number"),
+    (["--dist_beta", "nan"], "--dist_beta: nan: must be at least 0"),
+    (["--dkd_alpha", "inf"], "--dkd_alpha: inf: must be a finite number"),
+    (["--amp", "bf16", "--no_amp"], "--no_amp and --amp bf16 contradict each other"),
+], ids=lambda v: v if isinstance(v, str) else "_".join(v))
+def test_bad_training_flags_are_one_line_at_start_up(flags, message, tiny_imagefolder,
+                                                     tmp_path, capsys):
+    err = one_line(capsys, train_cli(tiny_imagefolder, tmp_path / "ck", *flags), tmp_path)
+    assert message in err
+    assert not (tmp_path / "ck").exists()
+
+
+def test_best_file_that_is_a_folder_is_refused_before_the_search(tiny_imagefolder, tmp_path,
+                                                                  capsys):
+    (tmp_path / "best").mkdir()
+    err = one_line(capsys, search_cli(tiny_imagefolder, tmp_path, "--best_file",
+                                      str(tmp_path / "best")), tmp_path)
+    assert "--best_file" in err and "is a folder" in err
+
+
+# --------------------------------------------------------------------------------------------
+# Item 12: plots.py writes where the README says.
+# --------------------------------------------------------------------------------------------
+
+def test_plots_default_pictures_are_the_documented_names(tmp_path):
+    import plots
+    log = tmp_path / "run.log.csv"
+    log.write_text("epoch,lr,train_loss,train_error,val_loss,val_error,seconds\n"
+                   "1,0.1,2.0,80,2.1,85,3\n")
+    out = run_cli(plots.main, plots.get_args_parser(), ["training", str(log)])
+    assert out == str(tmp_path / "run.png") and os.path.isfile(out)
+    assert plots.default_out("sweep", str(tmp_path) + "/") == os.path.join(
+        str(tmp_path) + "/", "sweep.png")

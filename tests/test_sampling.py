@@ -9,7 +9,7 @@ import pytest
 
 from count_ops import CostTable, count_params
 from funcs import Budget, budget_window, count_genotypes, sample_codes, sample_genotypes
-from models import UserError, WideResNet
+from models import Network, UserError, WideResNet
 
 
 def toy_table(P=4, T=5, seed=1):
@@ -35,7 +35,7 @@ def in_window(values, goal, tol):
 
 @pytest.fixture(scope="module")
 def wrn40():
-    return CostTable.for_wrn(40, 2)
+    return CostTable.for_network(Network("wrn", 40, 2, 10))
 
 
 def test_budget_window_is_inclusive():
