@@ -65,7 +65,8 @@ def at_least(low, kind=int):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if not value >= low:   # `not >=`: NaN is refused too
             raise argparse.ArgumentTypeError(f"{text}: must be at least {low}")
         if not math.isfinite(value):

@@ -47,17 +47,21 @@ def get_args_parser():
     p.add_argument("--latency_goal", default=None, type=positive(),
                    help="predicted inference latency budget in ms (may join params/MACs)")
     add_latency_args(p)
-    p.add_argument("--samples", default=1000, type=at_least(1), help="candidates to score / generate")
+    p.add_argument("--samples", default=1000, type=at_least(1),
+                   help="candidates to score / generate")
     p.add_argument("--seed", default=0, type=int, help="sampling, minibatch and init seed")
-    p.add_argument("--batch_size", default=128, type=at_least(1), help="images per scoring minibatch")
-    p.add_argument("--minibatches", default=1, type=at_least(1), help="scores summed over this many")
+    p.add_argument("--batch_size", default=128, type=at_least(1),
+                   help="images per scoring minibatch")
+    p.add_argument("--minibatches", default=1, type=at_least(1),
+                   help="scores summed over this many")
     p.add_argument("--resample_batch", action="store_true",
                    help="a different minibatch per candidate (off: one shared, fair)")
     p.add_argument("--proxy", default="fisher", type=proxy_arg,
                    help="scoring function (proxies.py; higher is better): "
                         f"{', '.join(PROXIES)}; an ensemble 'vote' or 'rank:a+b+c'; or a "
                         "comma-separated list, one column each, ranked by the first")
-    p.add_argument("--top_n", default=1, type=at_least(1), help="genotype files kept for the best n")
+    p.add_argument("--top_n", default=1, type=at_least(1),
+                   help="genotype files kept for the best n")
     p.add_argument("--blocks", default=None,
                    help="comma-separated search space (None: the paper's 24 + --module's)")
     p.add_argument("--generate_random", action="store_true",
@@ -77,10 +81,13 @@ def get_args_parser():
     p.add_argument("--plot", default=True, action=argparse.BooleanOptionalAction,
                    help="draw results/<proxy>_at_<goal>.png: score against params and MACs")
     p.add_argument("--rerank", default=0, type=at_least(0),
-                   help="then train the top K for --rerank_epochs (engine.py, as main.py) and rank them by "
-                        "validation error (results/<proxy>_at_<goal>_rerank.csv)")
-    p.add_argument("--rerank_epochs", default=2, type=at_least(1), help="epochs per re-ranked candidate")
-    p.add_argument("--rerank_lr", default=0.1, type=positive(), help="learning rate of the re-rank (cosine schedule)")
+                   help="then train the top K for --rerank_epochs (engine.py, as main.py) and "
+                        "rank them by validation error (results/<proxy>_at_<goal>_rerank.csv); "
+                        "--launcher says where the trainings run")
+    p.add_argument("--rerank_epochs", default=2, type=at_least(1),
+                   help="epochs per re-ranked candidate")
+    p.add_argument("--rerank_lr", default=0.1, type=positive(),
+                   help="learning rate of the re-rank (cosine schedule)")
     p.add_argument("--rerank_train_subset", default=None, type=at_least(1),
                    help="train each re-ranked candidate on N fixed images (default: all)")
     p.add_argument("--rerank_val_subset", default=None, type=at_least(1),

@@ -67,6 +67,10 @@ class LatencyRuntime:
     version is the key's torch field)."""
     prepare: Callable
     version: Callable[[], str]
+    # call_cost(shape, timing) -> ms: what every call of a prepared item costs beyond its
+    # operators (None: nothing to take off). A table times each item in its own call, a
+    # network runs in one: the cost is taken off every item and counted once, as a fixed part.
+    call_cost: Optional[Callable] = None
 
 
 def _torch_prepare(module: nn.Module, shape, timing) -> Callable:
@@ -83,6 +87,12 @@ def _onnxruntime_prepare(module: nn.Module, shape, timing) -> Callable:
     return ort_callable(module, shape, timing.threads or torch.get_num_threads())
 
 
+def _onnxruntime_call_cost(shape, timing) -> float:
+    from onnx_export import identity_callable
+    return timing.time(identity_callable(shape, timing.threads or torch.get_num_threads()),
+                       shape)
+
+
 def _onnxruntime_version() -> str:
     import onnxruntime
     return f"onnxruntime-{onnxruntime.__version__}"
@@ -90,7 +100,8 @@ def _onnxruntime_version() -> str:
 
 RUNTIMES: Dict[str, LatencyRuntime] = {
     "torch": LatencyRuntime(_torch_prepare, lambda: "torch"),
-    "onnxruntime": LatencyRuntime(_onnxruntime_prepare, _onnxruntime_version),
+    "onnxruntime": LatencyRuntime(_onnxruntime_prepare, _onnxruntime_version,
+                                  _onnxruntime_call_cost),
 }
 
 
@@ -393,6 +404,24 @@ def calibrate(table: LatencyTable, family: Family, timing: Timing, n: int,
     return float(np.median(np.array(measured) / summed))
 
 
+CALL_PART = "call"   # the fixed part that counts a runtime's per-call cost once
+
+
+def _without_call_cost(family: Family, timing: Timing, fixed, per_slot):
+    """(fixed parts, per-slot ms) with the runtime's per-call cost (LatencyRuntime.call_cost)
+    taken off each item, timed on the item's own input shape, and counted once for the whole
+    network (on its input image) as the fixed part CALL_PART. Unchanged for eager torch."""
+    cost_of = RUNTIMES[timing.runtime].call_cost
+    if cost_of is None:
+        return fixed, per_slot
+    cost = _prepared(lambda shape: cost_of(shape, timing))
+    fixed = [(p, max(0.0, ms - cost(tuple(family.fixed[p][0])))) for p, ms in fixed]
+    per_slot = {item: max(0.0, ms - cost(_block_shape(item[0])))
+                for item, ms in per_slot.items()}
+    image = (3, family.image_size, family.image_size)
+    return fixed + [(CALL_PART, cost(image))], per_slot
+
+
 def measure_table(family: Family, names: Sequence[str], timing: Timing, show: bool = True,
                   calibration: int = CALIBRATION) -> LatencyTable:
     """Time every block type at every distinct slot, and the fixed parts; then fit the
@@ -413,6 +442,7 @@ def measure_table(family: Family, names: Sequence[str], timing: Timing, show: bo
         per_slot = dict(zip(items, fastest_of_passes(
             lambda item: timing.time(block(item), _block_shape(item[0])), items,
             progress=bar.update)))
+        fixed, per_slot = _without_call_cost(family, timing, fixed, per_slot)
         ms = np.array([[per_slot[s, n] for n in names] for s in family.slots])
         table = LatencyTable(table_key(family, timing, n_threads), names, ms, fixed)
         bar.set_postfix_str(f"calibrating on {calibration} networks")

@@ -267,7 +267,7 @@ def tensor_images(ds, workers: int = 0, cache_dir: Optional[str] = None) -> Tens
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The CPU generator of one epoch's augmentation table."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_000_007) % 2 ** 63)
+    return torch.Generator().manual_seed(item_seed(seed, epoch, 0))   # the one seed rule
 
 
 @dataclass

@@ -185,6 +185,23 @@ def ort_callable(module: nn.Module, shape: Sequence[int],
     return session_callable(make_session(proto, threads))
 
 
+def identity_callable(shape: Sequence[int], threads: Optional[int] = None) -> Callable:
+    """An onnxruntime session of one Identity on inputs of `shape` (no batch dimension), as a
+    callable: what one call costs beyond its operators (binding the input, allocating and
+    handing back the output), for latency.py to count once per network, not once per block."""
+    import onnx
+    from onnx import TensorProto, helper
+    dims = ["batch", *shape]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", [INPUT], [OUTPUT])], "identity",
+        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, dims)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)],
+                              ir_version=8)   # what every onnxruntime of opset 18 reads
+    onnx.checker.check_model(proto)
+    return session_callable(make_session(proto, threads))
+
+
 def session_callable(session) -> Callable:
     """session as a callable of a CPU torch tensor, as eager torch is called (for timing:
     the tensor is handed over without a copy)."""

@@ -212,7 +212,8 @@ def load_batches(train_set, args, key: int, device):
     seed `key` alone, so every process and every resumed run sees the same pixels.
     train_set: a TensorImages (augmented on its device) or a dataset of PIL transforms."""
     g = torch.Generator().manual_seed(key)
-    idx = torch.randperm(len(train_set), generator=g)[:args.batch_size * getattr(args, "minibatches", 1)]
+    n = args.batch_size * getattr(args, "minibatches", 1)   # study.py scores on one batch
+    idx = torch.randperm(len(train_set), generator=g)[:n]
     if isinstance(train_set, TensorImages):
         batches = augmented_batches(train_set, idx, args.batch_size,
                                     Augment.for_dataset(args.dataset), g)

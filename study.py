@@ -10,8 +10,9 @@ is good: a higher score should mean a lower error) and draws one scatter panel p
 
 Everything goes to --out (default results/study_<goal>): study.csv (one row per candidate:
 index, convs, params, macs, one column per proxy, val_error, train_seconds; appended and
-flushed as it goes, so re-running the same command resumes), study.png, genotypes/ and
-checkpoints/ of the trained candidates, and summary.md (the table printed at the end).
+flushed as it goes, so re-running the same command resumes), study.png, checkpoints/ of the
+trained candidates, jobs/ (a result file per training: --launcher, docs/scale.md), and
+summary.md (the table printed at the end).
 """
 import argparse
 import csv
@@ -51,14 +52,18 @@ def get_args_parser():
                                          device_args(), launcher_args()])
     # A study trains every candidate: a WRN-16-2 space by default, small enough for a CPU.
     p.set_defaults(wrn_depth=16, wrn_width=2)
-    p.add_argument("--candidates", default=24, type=at_least(MIN_CANDIDATES), help="K genotypes to score and train")
-    p.add_argument("--proxies", default=",".join(PROXIES), type=proxy_arg, help="comma-separated proxy names")
-    p.add_argument("--batch_size", default=128, type=at_least(1), help="scoring and training batch")
+    p.add_argument("--candidates", default=24, type=at_least(MIN_CANDIDATES),
+                   help="K genotypes to score and train")
+    p.add_argument("--proxies", default=",".join(PROXIES), type=proxy_arg,
+                   help="comma-separated proxy names")
+    p.add_argument("--batch_size", default=128, type=at_least(1),
+                   help="scoring and training batch")
     p.add_argument("--epochs", default=3, type=at_least(1), help="training epochs per candidate")
     p.add_argument("--lr", default=0.1, type=positive())
     p.add_argument("--train_subset", default=5000, type=at_least(1))
     p.add_argument("--val_subset", default=None, type=at_least(1),
-                   help="validate on N fixed images (default: the whole test split; at errors near\n                   50%% its own sampling noise is 0.7 points at 5,000 images)")
+                   help="validate on N fixed images (default: the whole test split; at errors "
+                        "near 50%% its own sampling noise is 0.7 points at 5,000 images)")
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--out", default=None, help="output folder (default results/study_<goal>)")
     p.add_argument("--train_seeds", default=1, type=at_least(1),
@@ -69,7 +74,8 @@ def get_args_parser():
     p.add_argument("--stop_if_noisy", action="store_true",
                    help="with --train_seeds >= 2: stop when the early noise estimate predicts a "
                         "noise ceiling below 0.5 (the study could not rank proxies)")
-    p.add_argument("--bootstrap", default=1000, type=at_least(1), help="resamples for the intervals")
+    p.add_argument("--bootstrap", default=1000, type=at_least(1),
+                   help="resamples for the intervals")
     return p
 
 

@@ -129,3 +129,17 @@ def test_bench_latency_quick_in_onnxruntime(family, tmp_path, capsys):
     assert f"table {key.file_name()}" in out and "window calibrated: n 3" in out
     df = pd.read_csv(tmp_path / "q.csv")
     assert len(df) == 6 and (df["measured_ms"] > 0).all()
+
+
+def test_onnxruntime_call_cost_is_counted_once_per_network(family, ort_table):
+    """Each item of an onnxruntime table is timed in its own session call, a network runs in
+    one: the per-call cost (an Identity session on the item's input) is taken off every item
+    and counted once, as the fixed part 'call'; eager torch tables have no such part."""
+    _, table = ort_table
+    parts = dict(table.parts)
+    assert latency.CALL_PART in parts and parts[latency.CALL_PART] > 0
+    assert (table.ms >= 0).all()
+    assert latency.RUNTIMES["torch"].call_cost is None
+    fixed = [("stem", 1.0)]
+    same = latency._without_call_cost(family, timing("torch"), fixed, {"x": 2.0})
+    assert same == (fixed, {"x": 2.0})
