@@ -59,14 +59,19 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if "default" in action.help else super()._get_help_string(action)
 
 
+def _number(text: str, kind):
+    """text as a `kind` (int or float), or argparse's error for it."""
+    try:
+        return kind(text)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+
 def at_least(low, kind=int):
     """argparse type: a number of `kind` >= low (NaN refused), checked at parse time."""
     def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            what = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        value = _number(text, kind)
         if not value >= low:   # `not >=`: NaN is refused too
             raise argparse.ArgumentTypeError(f"{text}: must be at least {low}")
         if not math.isfinite(value):
@@ -79,10 +84,7 @@ def at_least(low, kind=int):
 def positive(kind=float):
     """argparse type: a finite number > 0."""
     def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        value = _number(text, kind)
         if not (value > 0 and math.isfinite(value)):   # NaN fails too
             raise argparse.ArgumentTypeError(f"{text}: must be a positive number")
         return value

@@ -127,9 +127,6 @@ class TrainConfig:
         if getattr(args, "no_amp", False):
             values["amp"] = "off"
         if args.from_genotype:
-            if args.moonshine:
-                raise UserError("--moonshine is a uniform student of --conv blocks: drop "
-                                "--from_genotype or --moonshine")
             values["convs"] = load_genotype(args.from_genotype)
         return cls(**values)
 
@@ -570,6 +567,7 @@ def train_on(cfg: TrainConfig, rt: Runtime) -> TrainResult:
     t0 = time.perf_counter()
     if cfg.module:
         load_block_module(cfg.module)
+    genotype_arg(cfg)   # a bad block name, or --moonshine with a genotype: before any work
     if cfg.mode == "student" and cfg.student_checkpoint == cfg.teacher_checkpoint:
         raise UserError("-s and -t name the same checkpoint: the student would overwrite its "
                         "teacher; give the student another name")

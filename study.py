@@ -28,7 +28,7 @@ from cli import HelpFormatter, at_least, positive, progress, run_cli
 from count_ops import CostTable
 from engine import candidate_config, train_candidate
 from ensembles import VOTE
-from files import check_writable, format_convs, pid_lock, whole_lines
+from files import atomic_write, check_writable, format_convs, pid_lock, whole_lines
 from funcs import Budget, budget_args, sample_genotypes
 from jobs import Job, launch_settings, launcher_args, run_jobs
 from loaders import TensorImages, data_args, get_datasets, subset_indices
@@ -130,10 +130,9 @@ def read_done(path, columns):
     (killed before its first row) starts afresh with the header; a torn last line (killed
     mid-write) is dropped. The file then holds the header and whole rows only."""
     lines = whole_lines(path).splitlines(keepends=True)
-    if not lines:
-        with open(path, "w") as f:
-            f.write(",".join(columns) + "\n")
+    if not lines:   # missing or empty (killed before its first row): the header, atomically
         lines = [",".join(columns) + "\n"]
+        atomic_write(path, lambda f: f.write(lines[0].encode()))
     rows = list(csv.reader(lines))
     if rows[0] != columns:
         raise UserError(f"{path} has columns {rows[0]}, this study writes {columns}; "

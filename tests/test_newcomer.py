@@ -3,7 +3,6 @@ settings files, a CUDA latency device without CUDA, search outputs of another ne
 the shipped genotypes, small wrong messages, and progress bars in log files."""
 import argparse
 import io
-import json
 import os
 import shutil
 import sys
@@ -17,7 +16,6 @@ import fisher_rank
 import loaders
 import search
 from cli import run_cli
-from conftest import write_imagefolder
 from models import UserError
 from test_fisher_rank_cli import GOAL, argv, cached_cost_tables  # noqa: F401 (autouse fixture)
 from test_safety import files

@@ -18,7 +18,7 @@ import fisher_rank
 import main as M
 import plots
 import study
-from conftest import ROOT, write_imagefolder
+from conftest import ROOT
 from files import atomic_write
 from cli import run_cli
 
@@ -92,6 +92,11 @@ MAIN_BAD = {
                                   "t2.t7 is a teacher checkpoint, this command trains a student"),
     "resume_classes": (["-t", "t", "--resume", "--epochs", "2", "--data_loc", "FIVE"],
                        "t.t7 has 10 classes, cifar10 at"),
+    # engine.train_on checks the genotype before any work, for library callers too
+    "moonshine_genotype": (["student", "-t", "t", "-s", "m", "--moonshine", "--from_genotype",
+                            "genotypes/bs800k.csv", "--wrn_depth", "40"],
+                           "--moonshine is a uniform student of --conv blocks"),
+    "unknown_conv": (["-t", "u", "--conv", "Nope"], "unknown block type 'Nope'"),
 }
 
 
