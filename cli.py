@@ -59,7 +59,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if "default" in action.help else super()._get_help_string(action)
 
 
-def _number(text: str, kind):
+def number(text: str, kind=float):
     """text as a `kind` (int or float), or argparse's error for it."""
     try:
         return kind(text)
@@ -71,7 +71,7 @@ def _number(text: str, kind):
 def at_least(low, kind=int):
     """argparse type: a number of `kind` >= low (NaN refused), checked at parse time."""
     def parse(text: str):
-        value = _number(text, kind)
+        value = number(text, kind)
         if not value >= low:   # `not >=`: NaN is refused too
             raise argparse.ArgumentTypeError(f"{text}: must be at least {low}")
         if not math.isfinite(value):
@@ -84,7 +84,7 @@ def at_least(low, kind=int):
 def positive(kind=float):
     """argparse type: a finite number > 0."""
     def parse(text: str):
-        value = _number(text, kind)
+        value = number(text, kind)
         if not (value > 0 and math.isfinite(value)):   # NaN fails too
             raise argparse.ArgumentTypeError(f"{text}: must be a positive number")
         return value

@@ -14,16 +14,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cli import number
 from files import load_genotype, save_genotype  # noqa: F401 (the seed's API)
 from models.blocks import UserError, count_params, logits_of, residual_blocks
 
 def fraction(text: str) -> float:
     """argparse type of --tol: a fraction strictly between 0 and 1 (checked once, here)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < 1:
+    value = number(text)
+    if not 0 < value < 1:   # NaN fails too
         raise argparse.ArgumentTypeError(f"{text}: must lie strictly between 0 and 1 (a "
                                          "fraction of the goal: 0.025 is +-2.5%)")
     return value

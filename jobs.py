@@ -68,6 +68,7 @@ class LaunchSettings:
     slurm_gpus_per_job: int = 0
     slurm_time: int = 120         # minutes per job before Slurm kills it (a rerun resumes)
     slurm_parallel: int = 0       # array tasks running at once; 0: submitit's default (256)
+    slurm_mem: int = 0            # GB of memory per array task; 0: the cluster's default
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,9 @@ def launcher_args() -> argparse.ArgumentParser:
                    help="slurm: minutes per job before Slurm kills it (a rerun finishes it)")
     g.add_argument("--slurm_parallel", default=0, type=at_least(0),
                    help="slurm: array tasks running at once (0: submitit's limit, 256)")
+    g.add_argument("--slurm_mem", default=0, type=at_least(0),
+                   help="slurm: GB of memory per array task (0: the cluster's default; the "
+                        "decoded data set and the network must fit)")
     return p
 
 
@@ -129,7 +133,8 @@ def launch_settings(args, log_dir: str, device: str) -> LaunchSettings:
         threads=args.threads_per_job, log_dir=log_dir, device=kind,
         slurm_partition=args.slurm_partition,
         slurm_gpus_per_job=(1 if kind == "cuda" else 0) if gpus is None else gpus,
-        slurm_time=args.slurm_time, slurm_parallel=args.slurm_parallel)
+        slurm_time=args.slurm_time, slurm_parallel=args.slurm_parallel,
+        slurm_mem=args.slurm_mem)
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,6 +486,8 @@ def _executor(s: LaunchSettings):
         params["slurm_partition"] = s.slurm_partition
     if s.slurm_parallel:
         params["slurm_array_parallelism"] = s.slurm_parallel
+    if s.slurm_mem:
+        params["mem_gb"] = s.slurm_mem
     ex.update_parameters(**params)
     return ex
 

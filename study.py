@@ -91,10 +91,12 @@ def fixed_minibatch(args, device, data=None):
     candidates train on): every candidate and proxy sees the same images (search.load_batches,
     the search's own rule). `data`: get_datasets' answer, when already read."""
     train_set, _, num_classes = data or get_datasets(args.dataset, args.data_loc)
-    images = training_images(args, train_set, device)
+    images = training_images(args, train_set, torch.device("cpu"))
     idx = subset_indices(len(images), args.train_subset, args.seed)
     if idx is not None:
         images = images.subset(idx) if isinstance(images, TensorImages) else Subset(images, idx)
+    if isinstance(images, TensorImages):
+        images = images.to(device)   # the subset only, not the whole split, on the device
     (x, y), = load_batches(images, args, args.seed, device)
     return x, y, num_classes
 

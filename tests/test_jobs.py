@@ -141,12 +141,30 @@ def test_launcher_flags_are_checked_at_parse_time_and_become_settings():
         with pytest.raises(SystemExit):
             p.parse_args(bad)
     args = p.parse_args(["--launcher", "slurm", "--slurm_partition", "gpu", "--slurm_time",
-                         "30", "--slurm_parallel", "8"])
+                         "30", "--slurm_parallel", "8", "--slurm_mem", "24"])
     s = jobs.launch_settings(args, "out/jobs", "cuda:1")
     assert s == LaunchSettings(launcher="slurm", log_dir="out/jobs", device="cuda",
                                slurm_partition="gpu", slurm_gpus_per_job=1, slurm_time=30,
-                               slurm_parallel=8)
+                               slurm_parallel=8, slurm_mem=24)
     assert jobs.launch_settings(args, "j", "cpu").slurm_gpus_per_job == 0
+
+
+def test_the_executor_asks_for_the_settings_resources(tmp_path, monkeypatch):
+    """What _executor hands submitit: memory, partition, array width and cores only when set
+    (0/None: the cluster's defaults, so no key at all)."""
+    import submitit
+    asked = []
+    monkeypatch.setattr(submitit.AutoExecutor, "update_parameters",
+                        lambda self, **kw: asked.append(kw))
+    jobs._executor(LaunchSettings(launcher="slurm", log_dir=str(tmp_path), slurm_time=30))
+    assert asked[-1] == dict(timeout_min=30, gpus_per_node=0, tasks_per_node=1, nodes=1,
+                             name="blockswap")
+    jobs._executor(LaunchSettings(launcher="slurm", log_dir=str(tmp_path), slurm_time=30,
+                                  threads=4, slurm_partition="gpu", slurm_parallel=8,
+                                  slurm_mem=24, slurm_gpus_per_job=1))
+    assert asked[-1] == dict(timeout_min=30, gpus_per_node=1, tasks_per_node=1, nodes=1,
+                             name="blockswap", cpus_per_task=4, slurm_partition="gpu",
+                             slurm_array_parallelism=8, mem_gb=24)
 
 
 def test_job_names_must_be_unique_file_names_and_fn_top_level(tmp_path):
@@ -187,7 +205,11 @@ def _alive(pid):
 
 
 SLEEPER = """
+import signal
 import sys
+# Ctrl-C as a terminal delivers it: a shell started in the background (`pytest ... &`, nohup)
+# hands its children SIGINT ignored, and Python keeps it so; the test is about the handler
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path[:0] = [{root!r}, {tests!r}]
 from jobs import Job, LaunchSettings, run_jobs
 from jobs_toy import sleep_job
