@@ -18,6 +18,7 @@ from cli import number
 from files import load_genotype, save_genotype  # noqa: F401 (the seed's API)
 from models.blocks import UserError, count_params, logits_of, residual_blocks
 
+
 def fraction(text: str) -> float:
     """argparse type of --tol: a fraction strictly between 0 and 1 (checked once, here)."""
     value = number(text)
