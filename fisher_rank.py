@@ -189,12 +189,7 @@ def rerank_config(args, row, folder) -> TrainConfig:
 
 def read_rerank(path):
     """{index: row} of a re-rank CSV (a torn last line cut off, as read_rows)."""
-    rows = read_rows(path, "score")
-    if rows:
-        df = pd.read_csv(path)
-        for i, err in zip(df["index"], df["val_error"]):
-            rows[int(i)]["val_error"] = float(err)
-    return rows
+    return read_rows(path, ["score", "val_error"])
 
 
 def rerank(args, rows, paths: SearchPaths):

@@ -35,7 +35,7 @@ from models import BLOCK_TYPES, SEARCH_SPACE, Network, UserError, load_block_mod
 from models.archs import WRN_DEPTH, WRN_WIDTH, default_arch
 from plots import plot_search
 from proxies import get_proxy
-from runtime import Runtime
+from runtime import Runtime, all_sum
 
 
 DEFAULT_ARCHS = "archs/master_arch.csv"   # --generate_random's file; used when it fits
@@ -532,9 +532,7 @@ def run_search(search: Search, settings: dict):
                   (lambda row: save_best(args, row, paths)) if single else (lambda row: None))
     seconds = time.time() - start
     if rt.world > 1:   # also the barrier before the merge
-        total = torch.tensor([n], device=rt.device)
-        dist.all_reduce(total)
-        n = int(total)
+        n = int(all_sum(torch.tensor([n], device=rt.device), rt))
     if not rt.main:
         return None
     rows = select_rows(merge_shards(paths, search.score_cols, search.columns),

@@ -22,21 +22,21 @@ import time
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Subset
 
 from cli import HelpFormatter, at_least, positive, progress, run_cli
 from count_ops import CostTable
 from engine import candidate_config, train_candidate
-from ensembles import VOTE
+from ensembles import VOTE, finite
 from files import atomic_write, check_writable, format_convs, pid_lock, whole_lines
 from funcs import Budget, budget_args, sample_genotypes
 from jobs import Job, launch_settings, launcher_args, run_jobs
-from loaders import TensorImages, data_args, get_datasets, subset_indices
+from loaders import TensorImages, data_args, get_datasets, subset, subset_indices
 from models import SEARCH_SPACE, Network, UserError, load_block_module, network_args
 from plots import plot_study
 from proxies import PROXIES, get_proxy, proxy_arg, proxy_spec
 from runtime import device_args, pick_device
-from search import check_settings as check_search_settings, load_batches, training_images
+from search import ResultsWriter, check_settings as check_search_settings, load_batches, \
+    training_images
 from variance import early_check_at, noise_warning, variance_components
 from stats import (batch_kendall, batch_spearman, bootstrap_ci, kendall, permutation_pvalue,
                    spearman, top_hit, top_hit_rate)
@@ -92,11 +92,11 @@ def fixed_minibatch(args, device, data=None):
     the search's own rule). `data`: get_datasets' answer, when already read."""
     train_set, _, num_classes = data or get_datasets(args.dataset, args.data_loc)
     images = training_images(args, train_set, torch.device("cpu"))
-    idx = subset_indices(len(images), args.train_subset, args.seed)
-    if idx is not None:
-        images = images.subset(idx) if isinstance(images, TensorImages) else Subset(images, idx)
-    if isinstance(images, TensorImages):
-        images = images.to(device)   # the subset only, not the whole split, on the device
+    if isinstance(images, TensorImages):   # the subset only, not the whole split, on the device
+        images = images.subset(subset_indices(len(images), args.train_subset, args.seed))
+        images = images.to(device)
+    else:
+        images = subset(images, args.train_subset, args.seed)
     (x, y), = load_batches(images, args, args.seed, device)
     return x, y, num_classes
 
@@ -107,22 +107,27 @@ def score(args, genotype, index, names, batch, device, replica=0) -> dict:
     x, y, num_classes = batch
     scores = {}
     for name in names:
-        torch.manual_seed(args.seed + index + REPLICA_STRIDE * replica)
+        torch.manual_seed(replica_seed(args, index, replica))
         net = Network.from_args(args, num_classes).build(genotype).to(device)
         scores[name] = get_proxy(name)(net, x, y)
     return scores
 
 
+def replica_seed(args, index, replica=0) -> int:
+    """The seed of candidate `index`'s initialisation and training, replica r (--score_seeds,
+    --train_seeds): seed + index + 1000 r."""
+    return args.seed + index + REPLICA_STRIDE * replica
+
+
 def train_config(args, genotype, index, folder, replica=0):
     """The training of one candidate (cross-entropy, cosine schedule, as main.py's teacher).
     Replica r > 0 (--train_seeds): the same candidate with another training seed."""
-    name = f"candidate_{index}" + (f"_seed{replica}" if replica else "")
     return candidate_config(
-        genotype, folder, name, dataset=args.dataset, data_loc=args.data_loc, arch=args.arch,
+        genotype, folder, train_name(index, replica), dataset=args.dataset, data_loc=args.data_loc, arch=args.arch,
         wrn_depth=args.wrn_depth, wrn_width=args.wrn_width, module=args.module,
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
         train_subset=args.train_subset, val_subset=args.val_subset, workers=args.workers,
-        seed=args.seed + index + REPLICA_STRIDE * replica,
+        seed=replica_seed(args, index, replica),
         subset_seed=args.seed,      # every candidate and seed: the same images
         device=args.device, loader=args.loader, cache_dir=args.cache_dir)
 
@@ -165,7 +170,7 @@ LOW_CEILING = 0.7                # a seed-to-seed rank correlation below this: r
 def proxy_row(name, score, error, n_boot, seed=0) -> str:
     """One table row: Spearman and Kendall (each with its bootstrap interval), p, top-10%."""
     rho, tau = spearman(score, error), kendall(score, error)
-    score = np.where(np.isnan(np.asarray(score, float)), -np.inf, score)   # failed: last
+    score = finite(score)   # a failed score ranks last
     (rlo, rhi), (tlo, thi) = (bootstrap_ci(f, score, error, n_boot, seed)
                               for f in (batch_spearman, batch_kendall))
     p = permutation_pvalue(score, error, 2 * n_boot, seed)
@@ -210,15 +215,15 @@ def stability(df, name, args):
                           for r in range(1, args.score_seeds)]))
 
 
-def data_used(args):
+def data_used(args, data=None):
     """(training images, validation images) main.py really used: a subset is capped by the
-    folder's size (main.py's funcs.subset)."""
-    train_set, val_set, _ = get_datasets(args.dataset, args.data_loc)
+    folder's size (main.py's funcs.subset). `data`: get_datasets' answer, when already read."""
+    train_set, val_set, _ = data or get_datasets(args.dataset, args.data_loc)
     cap = lambda n, ds: len(ds) if not n else min(n, len(ds))   # noqa: E731
     return cap(args.train_subset, train_set), cap(args.val_subset, val_set)
 
 
-def summarise(df, spec, args, seconds, predicted=None) -> str:
+def summarise(df, spec, args, seconds, predicted=None, data=None) -> str:
     """The study table (every proxy and ensemble against the mean trained error), the noise
     ceiling and what was really used."""
     error = df["val_error"].to_numpy(float)
@@ -229,7 +234,7 @@ def summarise(df, spec, args, seconds, predicted=None) -> str:
              "top-10% has the best (this sample, bootstrap rate) |", "|---|---|---|---|---|"]
     for item in items:
         lines.append(proxy_row(item, spec.scores(item, table), error, args.bootstrap))
-    n_train, n_val = data_used(args)
+    n_train, n_val = data_used(args, data)
     goal = args.param_goal or args.mac_goal
     lines += ["", f"{Network.from_args(args).name} space, goal "
               f"{f'{goal} +-{args.tol:.1%}' if goal else 'any'}, {len(df)} candidates, "
@@ -294,18 +299,20 @@ def run_study(args, spec, folder, prepared):
     jobs = [Job(train_name(i, r), train_config(args, genotypes[i], i, folder, r))
             for i in todo for r in range(args.train_seeds)]
     noise = EarlyNoise(args, done)
-    with open(path, "a", newline="") as f:
-        rows = RowWriter(csv.writer(f, lineterminator="\n"), f, columns, done, noise)
-        collect = lambda name, result: rows.add(   # noqa: E731
-            *parse_name(name), result, genotypes, table, scores, extra + score_cols)
-        try:
-            run_jobs(train_job, jobs, launch_settings(args, os.path.join(folder, "jobs"),
-                                                      device.type), on_result=collect)
-        except StopStudy as stop:
-            print(stop)
+    out = ResultsWriter(path, columns)   # read_done has written the header
+    rows = RowWriter(out, done, noise)
+    collect = lambda name, result: rows.add(   # noqa: E731
+        *parse_name(name), result, genotypes, table, scores, extra + score_cols)
+    try:
+        run_jobs(train_candidate, jobs, launch_settings(args, os.path.join(folder, "jobs"),
+                                                        device.type), on_result=collect)
+    except StopStudy as stop:
+        print(stop)
+    finally:
+        out.close()
     df = study_table(done, columns)
     png = plot_study(df, os.path.join(folder, "study.png"), proxies=names)
-    text = summarise(df, spec, args, time.time() - start, noise.predicted)
+    text = summarise(df, spec, args, time.time() - start, noise.predicted, data)
     with open(os.path.join(folder, "summary.md"), "w") as f:
         f.write(text + "\n")
     print(text)
@@ -339,11 +346,6 @@ def parse_name(name: str):
     return int(stem[len("candidate_"):]), int(seed or 0)
 
 
-def train_job(cfg) -> dict:
-    """A study's training job (the job layer runs it inline, in a worker or on Slurm)."""
-    return train_candidate(cfg)
-
-
 class StopStudy(Exception):
     """--stop_if_noisy: the early noise estimate says the study cannot rank proxies."""
 
@@ -352,8 +354,8 @@ class RowWriter:
     """Collects the trainings of each candidate as the job layer reports them; a candidate's
     row is appended (flushed, fsynced) once all its seeds are in, then the noise is checked."""
 
-    def __init__(self, writer, f, columns, done, noise):
-        self.writer, self.f, self.columns, self.done, self.noise = writer, f, columns, done, noise
+    def __init__(self, out, done, noise):
+        self.out, self.done, self.noise = out, done, noise   # out: a search.ResultsWriter
         self.pending = {}
 
     def add(self, index, replica, result, genotypes, table, scores, score_names):
@@ -367,10 +369,9 @@ class RowWriter:
                *[scores[index][n] for n in score_names],
                *(errors if self.noise.seeds > 1 else []), float(np.mean(errors)),
                round(sum(r["seconds"] for r in got.values()), 1)]
-        self.writer.writerow(row)
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.done[index] = dict(zip(self.columns, map(str, row)))
+        row = dict(zip(self.out.columns, row))
+        self.out.write_row(row)
+        self.done[index] = {c: str(v) for c, v in row.items()}
         self.noise.check(self.done)
 
 
