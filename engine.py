@@ -43,7 +43,6 @@ from files import (HISTORY, LOG_FIELDS, RunPaths, append_log, arch_info, check_w
 from funcs import get_no_params
 from loaders import data_location, make_loaders, set_epoch
 from models import Network, UserError, get_block_type, load_block_module
-from plots import plot_training
 from runtime import (AMP_NAMES, Runtime, all_sum, distributed_teardown, start_runtime,
                      sync_buffers, unwrap, with_precision)
 
@@ -247,7 +246,7 @@ def resolve_distill(cfg: TrainConfig, saved: Optional[dict],
                            f"--alpha 0, or add kd (--distill {cfg.distill}+kd)"))
     if cfg.dist_cifar:
         for key, value in DIST_CIFAR.items():
-            default = DISTILL_TERMS["dist"].flags[key][1]
+            default = _term_default(key)
             if getattr(cfg, key) not in (default, value):
                 raise UserError(f"--dist_cifar sets --{key} {value:g}: drop one of them")
         cfg = cfg.replace(**DIST_CIFAR)
@@ -439,7 +438,7 @@ def record_precision(cfg: TrainConfig, rt: Runtime, ckpt: Optional[dict]) -> Tra
 
 def load_teacher(cfg, num_classes: int) -> nn.Module:
     """The frozen teacher: rebuilt from its checkpoint, eval mode, no gradients."""
-    path = os.path.join(cfg.checkpoint_dir, cfg.teacher_checkpoint + ".t7")
+    path = RunPaths.of(cfg.checkpoint_dir, cfg.teacher_checkpoint).checkpoint
     if not os.path.isfile(path):
         raise UserError(f"teacher checkpoint {path} not found: train it first (python main.py "
                         f"{cfg.dataset} teacher -t {cfg.teacher_checkpoint} ...) or pass -t NAME "
@@ -539,6 +538,7 @@ def fit(run: Run, rt: Runtime, cfg, paths: RunPaths) -> Run:
             else:
                 append_log(paths.log, row)
             if cfg.plot:   # training curves beside the log, redrawn each epoch
+                from plots import plot_training   # here: matplotlib loads only to plot
                 plot_training(paths.log, paths.plot)
         rt.print(f"epoch {epoch + 1}/{cfg.epochs}  lr {lr:.4g}  train loss {train_loss:.4f} "
                  f"err {train_err:.2f}%  val loss {val_loss:.4f} err {val_err:.2f}%  "
@@ -632,7 +632,7 @@ def train_candidate(cfg: TrainConfig) -> dict:
     """Train one candidate to its last epoch and return {'val_error', 'seconds', 'checkpoint'}.
     Kill-safe: a checkpoint already there is resumed (a finished one is only read), so a rerun
     after a kill, under any launcher, trains only what is unfinished."""
-    path = os.path.join(cfg.checkpoint_dir, cfg.teacher_checkpoint + ".t7")
+    path = RunPaths.of(cfg.checkpoint_dir, cfg.run_name()).checkpoint
     result = train(cfg.replace(resume=os.path.isfile(path), overwrite=True))
     return {"val_error": result.val_error, "seconds": round(result.seconds, 2),
             "checkpoint": result.checkpoint}
