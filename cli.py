@@ -96,7 +96,7 @@ class LogProgress:
     """A progress report for a log file (stderr not a terminal): one line per ~10% of `total`
     instead of tqdm's carriage-return redraws, which a log keeps as one endless line. On
     stdout, with the run's other notes: stderr keeps only a failed run's one `error:` line. The
-    update/set_postfix/set_postfix_str/close subset of tqdm that the callers use."""
+    update/set_postfix/set_postfix_str/write/close subset of tqdm that the callers use."""
 
     def __init__(self, iterable=None, desc: str = "", total: Optional[int] = None,
                  disable: bool = False, step: float = 0.1):
@@ -140,6 +140,10 @@ class LogProgress:
         of = f"{self.n}/{self.total} ({100 * self.n // self.total}%)" if self.total else str(self.n)
         post = f" [{self.postfix}]" if self.postfix else ""
         print(f"{self.desc}: {of}{post}", flush=True)
+
+    def write(self, text: str) -> None:
+        """A note between the progress lines (tqdm.write's place: stdout)."""
+        print(text, flush=True)
 
     def close(self) -> None:
         pass

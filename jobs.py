@@ -37,9 +37,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from tqdm import tqdm
 
-from cli import at_least
+from cli import at_least, progress as progress_bar
 from files import atomic_write
 from models.blocks import UserError
 
@@ -211,13 +210,18 @@ def _header(job: Job, threads: int) -> str:
             f"{', CUDA_VISIBLE_DEVICES=' + gpu if gpu is not None else ''}")
 
 
+def _announced(fn: Callable, job: Job, log_dir: str, threads: int) -> dict:
+    """run_job between a header line and a done line (a worker's or a Slurm task's log)."""
+    print(_header(job, threads), flush=True)
+    result = run_job(fn, job, log_dir, threads)
+    print(f"== job {job.name}: done {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
+    return result
+
+
 def _logged_job(fn: Callable, job: Job, log_dir: str, threads: int) -> dict:
-    """run_job with the job's output appended to <log_dir>/<name>.log (local and slurm)."""
+    """run_job with the job's output appended to <log_dir>/<name>.log (slurm)."""
     with _output_to(log_path(log_dir, job.name)):
-        print(_header(job, threads), flush=True)
-        result = run_job(fn, job, log_dir, threads)
-        print(f"== job {job.name}: done {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
-        return result
+        return _announced(fn, job, log_dir, threads)
 
 
 def _slurm_task(fn: Callable, job: Job, log_dir: str, threads: int) -> dict:
@@ -250,19 +254,34 @@ class _Collector:
         self.results: Dict[str, dict] = {}
         self.failures: List[Failure] = []
 
+    def take(self, name: str, result: dict) -> None:
+        self.results[name] = result
+        if self.on_result is not None:
+            self.on_result(name, result)
+
     def finished(self, job: Job) -> bool:
         """Take `job`'s result file (False, and a failure, when it has none)."""
         result = load_result(self.log_dir, job)
         if result is None:
             self.failed(job, log_path(self.log_dir, job.name), "no result file")
             return False
-        self.results[job.name] = result
-        if self.on_result is not None:
-            self.on_result(job.name, result)
+        self.take(job.name, result)
         return True
 
     def failed(self, job: Job, log: Optional[str], reason: str) -> None:
         self.failures.append(Failure(job.name, log, reason))
+
+    def ended(self, job: Job, bar, reason: Optional[str] = None) -> None:
+        """A worker's or a Slurm task's job has ended: counted on `bar`, then its result file
+        taken (reason None) or a failure recorded with its log path and reported."""
+        bar.update(1)
+        if reason is None:
+            self.finished(job)
+        else:
+            log = log_path(self.log_dir, job.name)
+            self.failed(job, log, reason)
+            bar.write(f"job {job.name} failed: see {log}")
+        bar.set_postfix(failed=len(self.failures))
 
 
 def run_jobs(fn: Callable, jobs: Sequence[Job], launcher: LaunchSettings,
@@ -278,14 +297,14 @@ def run_jobs(fn: Callable, jobs: Sequence[Job], launcher: LaunchSettings,
     _check_jobs(fn, jobs)
     os.makedirs(launcher.log_dir, exist_ok=True)
     collect = _Collector(launcher.log_dir, on_result)
-    todo = [j for j in jobs if load_result(launcher.log_dir, j) is None]
-    pending = {j.name for j in todo}
+    found = {j.name: load_result(launcher.log_dir, j) for j in jobs}
+    todo = [j for j in jobs if found[j.name] is None]
     if len(todo) < len(jobs) and progress:
         print(f"jobs: {len(jobs) - len(todo)} of {len(jobs)} already finished in "
               f"{launcher.log_dir}; running the other {len(todo)}", flush=True)
     for job in jobs:
-        if job.name not in pending:
-            collect.finished(job)
+        if found[job.name] is not None:
+            collect.take(job.name, found[job.name])
     run = {"inline": _run_inline, "local": _run_local, "slurm": _run_slurm}[launcher.launcher]
     if todo:
         run(fn, todo, launcher, progress, collect)
@@ -315,12 +334,12 @@ def _run_inline(fn, todo, s: LaunchSettings, progress: bool, collect: _Collector
             if progress:
                 print(f"== job {i + 1}/{len(todo)}: {job.name}", flush=True)
             try:
-                run_job(fn, job, s.log_dir)
+                result = run_job(fn, job, s.log_dir)
             except Exception as e:
                 traceback.print_exc()
                 collect.failed(job, None, f"{type(e).__name__}: {e}")
                 continue
-            collect.finished(job)
+            collect.take(job.name, result)
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,13 +410,10 @@ def _worker(blob: bytes, log_dir: str, name: str, threads: int, parent: int) -> 
     in the log and exit status 1."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
     _watch_parent(parent)
-    torch.set_num_threads(threads)
     with _output_to(log_path(log_dir, name)):
         try:
             fn, job = pickle.loads(blob)   # imports fn's module: after the log is open
-            print(_header(job, threads), flush=True)
-            run_job(fn, job, log_dir, threads)
-            print(f"== job {name}: done {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
+            _announced(fn, job, log_dir, threads)   # threads >= 1: run_job pins them
         except BaseException:
             traceback.print_exc()
             sys.stderr.flush()
@@ -438,8 +454,8 @@ def _run_local(fn, todo, s: LaunchSettings, progress: bool, collect: _Collector)
     envs, threads = worker_slots(s, len(os.sched_getaffinity(0)), _visible_gpus())
     ctx, queue, free = multiprocessing.get_context("spawn"), list(todo), list(range(len(envs)))
     running = {}
-    bar = tqdm(total=len(todo), desc=f"jobs ({len(envs)} workers)", unit="job",
-               disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(todo), desc=f"jobs ({len(envs)} workers)", unit="job",
+                       disable=not progress, dynamic_ncols=True)
     try:
         with _sigterm_as_interrupt():
             while queue or running:
@@ -454,14 +470,8 @@ def _run_local(fn, todo, s: LaunchSettings, progress: bool, collect: _Collector)
                     p, job, slot = running.pop(sentinel)
                     p.join()
                     free.append(slot)
-                    bar.update(1)
-                    if p.exitcode == 0:
-                        collect.finished(job)
-                    else:
-                        collect.failed(job, log_path(s.log_dir, job.name),
-                                       f"exit status {p.exitcode}")
-                        bar.write(f"job {job.name} failed: see {log_path(s.log_dir, job.name)}")
-                    bar.set_postfix(failed=len(collect.failures))
+                    collect.ended(job, bar, None if p.exitcode == 0
+                                  else f"exit status {p.exitcode}")
     except BaseException:
         _stop(p for p, _, _ in running.values())
         raise
@@ -510,8 +520,8 @@ def _waves(todo: List[Job], ex, s: LaunchSettings) -> List[List[Job]]:
 def _run_slurm(fn, todo, s: LaunchSettings, progress: bool, collect: _Collector) -> None:
     import submitit
     ex, submitted = _executor(s), []
-    bar = tqdm(total=len(todo), desc="jobs (submitit)", unit="job", disable=not progress,
-               dynamic_ncols=True)
+    bar = progress_bar(total=len(todo), desc="jobs (submitit)", unit="job",
+                       disable=not progress, dynamic_ncols=True)
     poll = 10.0 if ex.cluster == "slurm" else 0.2   # seconds; squeue is not to be hammered
     try:
         for wave in _waves(todo, ex, s):
@@ -523,17 +533,12 @@ def _run_slurm(fn, todo, s: LaunchSettings, progress: bool, collect: _Collector)
                                          [s.threads] * n)
             by_id = {id(j): job for j, job in zip(submitted, wave)}
             for j in submitit.helpers.as_completed(submitted, poll_frequency=poll):
-                job = by_id[id(j)]
-                bar.update(1)
                 try:
                     j.result()
+                    reason = None
                 except Exception as e:   # FailedJobError, UncompletedJobError (timeout)
-                    collect.failed(job, log_path(s.log_dir, job.name),
-                                   f"{type(e).__name__}; submitit log {j.paths.stderr}")
-                    bar.write(f"job {job.name} failed: see {log_path(s.log_dir, job.name)}")
-                else:
-                    collect.finished(job)
-                bar.set_postfix(failed=len(collect.failures))
+                    reason = f"{type(e).__name__}; submitit log {j.paths.stderr}"
+                collect.ended(by_id[id(j)], bar, reason)
     except BaseException:
         for j in submitted:   # scancel the array's unfinished tasks / stop local controllers
             if not j.done():
