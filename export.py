@@ -20,17 +20,17 @@ import torch
 import torch.nn as nn
 
 from count_ops import measure_model
-from cli import HelpFormatter, run_cli
+from cli import HelpFormatter, at_least, positive, run_cli
 from files import atomic_write, check_writable, load_checkpoint, model_from_checkpoint
 from latency import CLOCKS, REPEATS, WARMUP, Timing, thread_count, time_side_by_side
-from loaders import DATASETS, get_datasets, subset
+from loaders import DATASETS, NUM_CLASSES, get_datasets, subset
 from models.archs import Network
 from models.blocks import UserError, load_block_module
 from onnx_export import (INPUT, OUTPUT, PARITY_TOL, accuracy, batchnorm_nodes,
                          expected_batchnorms, export_onnx, make_session, opset, parity,
                          quantise_int8, run_session, session_callable, versions)
 
-CLASSES_TO_DATASET = {10: "cifar10", 100: "cifar100", 1000: "imagenet"}
+CLASSES_TO_DATASET = {n: dataset for dataset, n in NUM_CLASSES.items()}
 CHUNK = 64   # images per forward while checking (bounds memory at 224 px)
 
 
@@ -48,24 +48,24 @@ def get_args_parser():
                    help="default: the checkpoint's (else from its class count)")
     g.add_argument("--data_loc", default=None,
                    help="data folder (default: the one the checkpoint was trained on)")
-    g.add_argument("--parity", default=256, type=int,
+    g.add_argument("--parity", default=256, type=at_least(1),
                    help="validation images the exported logits are compared on")
-    g.add_argument("--tol", default=PARITY_TOL, type=float,
+    g.add_argument("--tol", default=PARITY_TOL, type=positive(),
                    help="largest |logit difference| allowed against PyTorch (fp32)")
     g.add_argument("--seed", default=0, type=int, help="picks the images")
     g = p.add_argument_group("latency")
-    g.add_argument("--batch", default=32, type=int, help="timed at batch 1 and at this batch")
-    g.add_argument("--threads", default=None, type=int,
+    g.add_argument("--batch", default=32, type=at_least(1), help="timed at batch 1 and at this batch")
+    g.add_argument("--threads", default=None, type=at_least(1),
                    help="threads of both runtimes (default: torch's own count)")
     g.add_argument("--clock", default="wall", choices=list(CLOCKS),
                    help="wall time, or this process's CPU time (steadier on a shared CPU)")
-    g.add_argument("--repeats", default=REPEATS, type=int,
+    g.add_argument("--repeats", default=REPEATS, type=at_least(1),
                    help="timed calls per pass (the median counts; after a few warm-up calls)")
     g = p.add_argument_group("int8")
     g.add_argument("--int8", action="store_true",
                    help="also write <name>.int8.onnx: static int8 (QDQ, per-channel)")
-    g.add_argument("--calib", default=256, type=int, help="training images int8 is calibrated on")
-    g.add_argument("--val", default=1000, type=int,
+    g.add_argument("--calib", default=256, type=at_least(1), help="training images int8 is calibrated on")
+    g.add_argument("--val", default=1000, type=at_least(1),
                    help="validation images fp32 and int8 accuracy are measured on")
     return p
 
@@ -73,15 +73,6 @@ def get_args_parser():
 # --------------------------------------------------------------------------------------------
 # Inputs: checked before any work
 # --------------------------------------------------------------------------------------------
-
-def validate_args(args) -> None:
-    for flag in ("parity", "batch", "calib", "val", "threads", "repeats"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UserError(f"--{flag} must be at least 1, got {value}")
-    if not args.tol > 0:
-        raise UserError(f"--tol must be a positive number, got {args.tol}")
-
 
 def output_paths(args) -> Dict[str, str]:
     """{'onnx', 'json', 'int8'}: where the files go; the folder must be writable."""
@@ -149,7 +140,7 @@ def first(data: List[tuple], n: int) -> List[tuple]:
 
 def timing_batch(data: List[tuple], batch: int) -> torch.Tensor:
     """`batch` validation images (repeated when there are fewer): the timed input."""
-    x = torch.cat([b for b, _ in data])
+    x = torch.cat([b for b, _ in first(data, batch)])
     return x.repeat(-(-batch // len(x)), 1, 1, 1)[:batch].contiguous()
 
 
@@ -188,20 +179,17 @@ def latencies(runs: Dict[str, object], data: List[tuple], args, threads: int) ->
     return out
 
 
-def int8_report(proto, model_bytes: int, data: dict, args, threads: int) -> dict:
-    """The int8 model and its figures beside fp32's: accuracy on --val images, size, latency."""
-    int8 = quantise_int8(proto, [x for x, _ in data["calib"]])
-    fp32_session, int8_session = make_session(proto, threads), make_session(int8, threads)
+def int8_report(int8: bytes, sessions: dict, ms: dict, model_bytes: int, data: dict,
+                args) -> dict:
+    """The int8 model's figures beside fp32's: accuracy on --val images, size, and the latency
+    measured with the others (ms: {batch: {'onnxruntime', 'int8', ...}})."""
     val = first(data["val"], args.val)
-    acc = {name: accuracy(lambda x, s=s: run_session(s, x), val)
-           for name, s in (("fp32", fp32_session), ("int8", int8_session))}
-    ms = latencies({"fp32": session_callable(fp32_session),
-                    "int8": session_callable(int8_session)}, data["val"], args, threads)
+    acc = {name: accuracy(lambda x, s=s: run_session(s, x), val) for name, s in sessions.items()}
     return {"proto": int8, "images": sum(len(y) for _, y in val),
             "calibration_images": sum(len(x) for x, _ in data["calib"]),
-            "accuracy": acc, "size_bytes": {"fp32": model_bytes,
-                                            "int8": len(int8.SerializeToString())},
-            "latency_ms": ms}
+            "accuracy": acc, "size_bytes": {"fp32": model_bytes, "int8": len(int8)},
+            "latency_ms": {b: {"fp32": m["onnxruntime"], "int8": m["int8"]}
+                           for b, m in ms.items()}}
 
 
 def record(model: nn.Module, checkpoint: str, data: dict, checks: dict,
@@ -224,11 +212,12 @@ def record(model: nn.Module, checkpoint: str, data: dict, checks: dict,
     }
 
 
-def write_files(paths: Dict[str, str], proto, meta: dict, int8=None) -> None:
-    """Each file atomically; the JSON last, so it never describes a file not yet written."""
-    atomic_write(paths["onnx"], lambda f: f.write(proto.SerializeToString()))
+def write_files(paths: Dict[str, str], model: bytes, meta: dict, int8: bytes = None) -> None:
+    """Each file (serialised models) atomically; the JSON last, so it never describes a file
+    not yet written."""
+    atomic_write(paths["onnx"], lambda f: f.write(model))
     if int8 is not None:
-        atomic_write(paths["int8"], lambda f: f.write(int8.SerializeToString()))
+        atomic_write(paths["int8"], lambda f: f.write(int8))
     text = json.dumps(meta, indent=2) + "\n"
     atomic_write(paths["json"], lambda f: f.write(text.encode()))
 
@@ -268,7 +257,6 @@ def report_int8(q: dict) -> None:
 
 
 def main(args):
-    validate_args(args)
     paths = output_paths(args)
     ckpt = load_checkpoint(args.checkpoint)
     if args.module:
@@ -288,21 +276,28 @@ def export_and_check(model: nn.Module, data: dict, args) -> dict:
     size = Network.of(model).image_size
     example = data["val"][0][0][:1]
     proto = export_onnx(model, example)
+    blob = proto.SerializeToString()   # once: the session, the size and the file
     with thread_count(args.threads) as threads:
-        session = make_session(proto, threads)
-        checks = {"proto": proto, "threads": threads, "clock": args.clock,
+        session = make_session(blob, threads)
+        checks = {"proto": blob, "threads": threads, "clock": args.clock,
                   "parity": check_parity(model, session, [x for x, _ in first(
                       data["val"], args.parity)], args.tol),
                   "batchnorms": {"left": batchnorm_nodes(proto),
                                  "expected": expected_batchnorms(model, example)},
-                  "size_bytes": len(proto.SerializeToString()),
+                  "size_bytes": len(blob),
                   "versions": {**versions(), "opset": opset(proto)}}
         checks["macs"], checks["params"] = measure_model(model, size, size)
-        checks["latency_ms"] = latencies(
-            {"torch": model, "onnxruntime": session_callable(session)}, data["val"], args,
-            threads)
+        runs = {"torch": model, "onnxruntime": session_callable(session)}
+        if args.int8:   # timed with the others: fp32 is timed once, interleaved with both
+            int8 = quantise_int8(proto, [x for x, _ in data["calib"]]).SerializeToString()
+            int8_session = make_session(int8, threads)
+            runs["int8"] = session_callable(int8_session)
+        ms = latencies(runs, data["val"], args, threads)
+        checks["latency_ms"] = {b: {k: m[k] for k in ("torch", "onnxruntime")}
+                                for b, m in ms.items()}
         if args.int8:
-            checks["int8"] = int8_report(proto, checks["size_bytes"], data, args, threads)
+            checks["int8"] = int8_report(int8, {"fp32": session, "int8": int8_session}, ms,
+                                         checks["size_bytes"], data, args)
     if checks["batchnorms"]["left"] != checks["batchnorms"]["expected"]:
         print(f"warning: {checks['batchnorms']['left']} BatchNorms left in the graph, "
               f"{checks['batchnorms']['expected']} expected (those after residual sums): "

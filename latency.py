@@ -71,6 +71,7 @@ class LatencyRuntime:
     # operators (None: nothing to take off). A table times each item in its own call, a
     # network runs in one: the cost is taken off every item and counted once, as a fixed part.
     call_cost: Optional[Callable] = None
+    cpu_only: bool = False        # times on the CPU only (Timing refuses another device)
 
 
 def _torch_prepare(module: nn.Module, shape, timing) -> Callable:
@@ -78,10 +79,6 @@ def _torch_prepare(module: nn.Module, shape, timing) -> Callable:
 
 
 def _onnxruntime_prepare(module: nn.Module, shape, timing) -> Callable:
-    if timing.device.type != "cpu":
-        raise UserError(f"--latency_runtime onnxruntime times on the CPU (the installed "
-                        f"onnxruntime runs there), not on {timing.device}; pass "
-                        "--latency_device cpu")
     from onnx_export import ort_callable   # here: onnx loads only for onnxruntime tables
     # torch's thread count when none is asked for, so both runtimes get the same threads
     return ort_callable(module, shape, timing.threads or torch.get_num_threads())
@@ -101,7 +98,7 @@ def _onnxruntime_version() -> str:
 RUNTIMES: Dict[str, LatencyRuntime] = {
     "torch": LatencyRuntime(_torch_prepare, lambda: "torch"),
     "onnxruntime": LatencyRuntime(_onnxruntime_prepare, _onnxruntime_version,
-                                  _onnxruntime_call_cost),
+                                  _onnxruntime_call_cost, cpu_only=True),
 }
 
 
@@ -211,6 +208,10 @@ class Timing:
         if self.runtime not in RUNTIMES:
             raise UserError(f"unknown latency runtime {self.runtime!r}; valid: "
                             + ", ".join(RUNTIMES))
+        if RUNTIMES[self.runtime].cpu_only and self.device.type != "cpu":
+            raise UserError(f"--latency_runtime {self.runtime} times on the CPU (the installed "
+                            f"{self.runtime} runs there), not on {self.device}; pass "
+                            "--latency_device cpu")
 
     def prepare(self, module: nn.Module, shape: Sequence[int]) -> Callable:
         """`module` made ready to time in this runtime, on inputs of `shape` (no batch)."""
@@ -227,16 +228,10 @@ class Timing:
                                    repeats=max(3, self.repeats // 3))
 
 
-def measure_network_ms(net: nn.Module, image_size: int, timing: Timing) -> float:
-    """Measured latency of a whole network (eval mode, no grad), median of timing.repeats."""
-    shape = (3, image_size, image_size)
-    with thread_count(timing.threads):
-        return timing.time(timing.prepare(net, shape), shape)
-
-
 def measure_networks_ms(nets: Sequence[nn.Module], image_size: int, timing: Timing,
                         progress: Optional[Callable] = None) -> List[float]:
-    """measure_network_ms of each network, the fastest of agreeing passes (fastest_of_passes);
+    """Measured latency (ms) of each whole network (eval mode, no grad): the median of
+    timing.repeats calls, the fastest of agreeing passes (fastest_of_passes);
     each network is prepared for the runtime once, before its first pass."""
     shape = (3, image_size, image_size)
     with thread_count(timing.threads):

@@ -14,11 +14,9 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-from PIL import Image
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from count_ops import CostTable  # noqa: E402
+from device_bench import synthetic_cifar  # noqa: E402 (bench/, this script's folder)
 from engine import candidate_config, train_candidate  # noqa: E402
 from funcs import Budget, sample_genotypes  # noqa: E402
 from jobs import Job, LaunchSettings, run_jobs  # noqa: E402
@@ -26,18 +24,6 @@ from models import Network  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
                       "shared", "data", "cifar10-jpeg")
-
-
-def tiny_imagefolder(root: str, n: int = 40) -> str:
-    """A few random 32x32 images in the ImageFolder layout (for --quick)."""
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for i in range(n):
-            d = os.path.join(root, split, f"c{i % 2}")
-            os.makedirs(d, exist_ok=True)
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
-                os.path.join(d, f"{i}.png"))
-    return root
 
 
 def jobs_for(args, folder: str):
@@ -78,7 +64,7 @@ def main():
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as data:
         if args.quick:
-            args.data_loc, args.candidates, args.depth = tiny_imagefolder(data), 2, 10
+            args.data_loc, args.candidates, args.depth = synthetic_cifar(data, 40, 40), 2, 10
             args.train_subset, args.val_subset = 16, 16
         inline = per_hour(args, "inline", 0, 2)
         local = per_hour(args, "local", 2, 1)

@@ -179,7 +179,7 @@ BAD = {   # name: (argv after the checkpoint, setup(tmp_path, monkeypatch), text
     "unwritable output": (["-o", "ro/w.onnx"], lambda t, m: _deny_writes_under(m, t / "ro"),
                           "not writable"),
     "unknown family": (["--checkpoint_is", "vgg"], None, "unknown architecture 'vgg16'"),
-    "calib 0": (["--int8", "--calib", "0"], None, "--calib must be at least 1"),
+    "calib 0": (["--int8", "--calib", "0"], None, "argument --calib: 0: must be at least 1"),
     "not .onnx": (["-o", "w.t7"], None, "must be a .onnx file"),
     "no data": (["--data_loc", "nowhere"], None, "pass --data_loc"),
     "parity fails": (["--tol", "1e-12"], None, "does not match PyTorch"),
