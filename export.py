@@ -19,14 +19,14 @@ from typing import Dict, List
 import torch
 import torch.nn as nn
 
-from count_ops import measure_model
-from cli import HelpFormatter, at_least, positive, run_cli
-from files import atomic_write, check_writable, load_checkpoint, model_from_checkpoint
-from latency import CLOCKS, REPEATS, WARMUP, Timing, thread_count, time_side_by_side
-from loaders import DATASETS, NUM_CLASSES, get_datasets, subset
+from blockswap.count_ops import measure_model
+from blockswap.cli import HelpFormatter, at_least, positive, run_cli
+from blockswap.files import atomic_write, check_writable, load_checkpoint, model_from_checkpoint
+from blockswap.latency import CLOCKS, REPEATS, WARMUP, Timing, thread_count, time_side_by_side
+from blockswap.loaders import DATASETS, NUM_CLASSES, get_datasets, subset
 from models.archs import Network
 from models.blocks import UserError, load_block_module
-from onnx_export import (INPUT, OUTPUT, PARITY_TOL, accuracy, batchnorm_nodes,
+from blockswap.onnx_export import (INPUT, OUTPUT, PARITY_TOL, accuracy, batchnorm_nodes,
                          expected_batchnorms, export_onnx, make_session, opset, parity,
                          quantise_int8, run_session, session_callable, versions)
 

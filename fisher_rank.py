@@ -20,17 +20,17 @@ import os
 import numpy as np
 import pandas as pd
 
-from cli import HelpFormatter, at_least, positive, progress, run_cli
-from engine import TrainConfig, candidate_config, train_candidate
-from files import atomic_write, check_writable, format_convs, pid_lock, save_genotype
-from funcs import Budget, budget_args, sample_genotypes
-from jobs import Job, launch_settings, launcher_args, run_jobs
-from latency import add_latency_args, timing_from_args
-from loaders import NUM_CLASSES, data_args, get_datasets
+from blockswap.cli import HelpFormatter, at_least, positive, progress, run_cli
+from blockswap.engine import TrainConfig, candidate_config, train_candidate
+from blockswap.files import atomic_write, check_writable, format_convs, pid_lock, save_genotype
+from blockswap.funcs import Budget, budget_args, sample_genotypes
+from blockswap.jobs import Job, launch_settings, launcher_args, run_jobs
+from blockswap.latency import add_latency_args, timing_from_args
+from blockswap.loaders import NUM_CLASSES, data_args, get_datasets
 from models import Network, UserError, network_args
-from proxies import PROXIES, proxy_arg, proxy_spec
-from runtime import AMP_CHOICES, device_args, distributed_teardown, pick_device, start_runtime
-from search import (DEFAULT_ARCHS, ResultsWriter, Search, SearchPaths, check_genotype_files,
+from blockswap.proxies import PROXIES, proxy_arg, proxy_spec
+from blockswap.runtime import AMP_CHOICES, device_args, distributed_teardown, pick_device, start_runtime
+from blockswap.search import (DEFAULT_ARCHS, ResultsWriter, Search, SearchPaths, check_genotype_files,
                     check_settings, cost_table, genotype_stem, get_candidates, latency_row,
                     rank_rows, read_rows, run_search, search_settings, search_space,
                     training_images, with_latency)

@@ -11,12 +11,12 @@ for what a run writes, how --resume and a raised --epochs behave, and the reprod
 import argparse
 import os
 
-from cli import HelpFormatter, at_least, positive, run_cli
-from distill import DIST_CIFAR, DISTILL_TERMS
-from engine import TrainConfig, train
-from loaders import data_args
+from blockswap.cli import HelpFormatter, at_least, positive, run_cli
+from blockswap.distill import DIST_CIFAR, DISTILL_TERMS
+from blockswap.engine import TrainConfig, train
+from blockswap.loaders import data_args
 from models import UserError, load_block_module, network_args
-from runtime import AMP_CHOICES, device_args
+from blockswap.runtime import AMP_CHOICES, device_args
 
 D = TrainConfig()   # every default is stated once, in engine.TrainConfig
 

@@ -23,22 +23,22 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cli import HelpFormatter, at_least, positive, progress, run_cli
-from count_ops import CostTable
-from engine import candidate_config, train_candidate
-from ensembles import VOTE, finite
-from files import atomic_write, check_writable, format_convs, pid_lock, whole_lines
-from funcs import Budget, budget_args, sample_genotypes
-from jobs import Job, launch_settings, launcher_args, run_jobs
-from loaders import TensorImages, data_args, get_datasets, subset, subset_indices
+from blockswap.cli import HelpFormatter, at_least, positive, progress, run_cli
+from blockswap.count_ops import CostTable
+from blockswap.engine import candidate_config, train_candidate
+from blockswap.ensembles import VOTE, finite
+from blockswap.files import atomic_write, check_writable, format_convs, pid_lock, whole_lines
+from blockswap.funcs import Budget, budget_args, sample_genotypes
+from blockswap.jobs import Job, launch_settings, launcher_args, run_jobs
+from blockswap.loaders import TensorImages, data_args, get_datasets, subset, subset_indices
 from models import SEARCH_SPACE, Network, UserError, load_block_module, network_args
-from plots import plot_study
-from proxies import PROXIES, get_proxy, proxy_arg, proxy_spec
-from runtime import device_args, pick_device
-from search import ResultsWriter, check_settings as check_search_settings, load_batches, \
+from blockswap.plots import plot_study
+from blockswap.proxies import PROXIES, get_proxy, proxy_arg, proxy_spec
+from blockswap.runtime import device_args, pick_device
+from blockswap.search import ResultsWriter, check_settings as check_search_settings, load_batches, \
     training_images
-from variance import early_check_at, noise_warning, variance_components
-from stats import (batch_kendall, batch_spearman, bootstrap_ci, kendall, permutation_pvalue,
+from blockswap.variance import early_check_at, noise_warning, variance_components
+from blockswap.stats import (batch_kendall, batch_spearman, bootstrap_ci, kendall, permutation_pvalue,
                    spearman, top_hit, top_hit_rate)
 
 MIN_CANDIDATES = 3       # a rank correlation of fewer is +-1 or undefined

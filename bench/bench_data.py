@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-import loaders as L  # noqa: E402
-from loaders import get_datasets, subset_indices  # noqa: E402
+from blockswap import loaders as L  # noqa: E402
+from blockswap.loaders import get_datasets, subset_indices  # noqa: E402
 
 
 def pil_epochs(train_set, batch, epochs, seed=0):

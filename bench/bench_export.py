@@ -21,11 +21,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from files import load_checkpoint, model_from_checkpoint  # noqa: E402
-from funcs import load_genotype
-from latency import Timing, thread_count, time_side_by_side  # noqa: E402
+from blockswap.files import load_checkpoint, model_from_checkpoint  # noqa: E402
+from blockswap.funcs import load_genotype
+from blockswap.latency import Timing, thread_count, time_side_by_side  # noqa: E402
 from models import Network  # noqa: E402
-from onnx_export import (batchnorm_nodes, expected_batchnorms, export_onnx,  # noqa: E402
+from blockswap.onnx_export import (batchnorm_nodes, expected_batchnorms, export_onnx,  # noqa: E402
                          make_session, parity, quantise_int8,
                          session_callable)
 

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from count_ops import CostTable  # noqa: E402
-from funcs import Budget, fisher_scores, sample_genotypes  # noqa: E402
+from blockswap.count_ops import CostTable  # noqa: E402
+from blockswap.funcs import Budget, fisher_scores, sample_genotypes  # noqa: E402
 from models import Network, WideResNet, residual_blocks  # noqa: E402
-from proxies import PROXIES, get_proxy  # noqa: E402
+from blockswap.proxies import PROXIES, get_proxy  # noqa: E402
 
 
 def timed(fn, repeats, device):

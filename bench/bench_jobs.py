@@ -15,11 +15,11 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from count_ops import CostTable  # noqa: E402
+from blockswap.count_ops import CostTable  # noqa: E402
 from device_bench import synthetic_cifar  # noqa: E402 (bench/, this script's folder)
-from engine import candidate_config, train_candidate  # noqa: E402
-from funcs import Budget, sample_genotypes  # noqa: E402
-from jobs import Job, LaunchSettings, run_jobs  # noqa: E402
+from blockswap.engine import candidate_config, train_candidate  # noqa: E402
+from blockswap.funcs import Budget, sample_genotypes  # noqa: E402
+from blockswap.jobs import Job, LaunchSettings, run_jobs  # noqa: E402
 from models import Network  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",

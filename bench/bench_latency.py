@@ -22,12 +22,12 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from count_ops import CostTable  # noqa: E402
-from funcs import sample_genotypes  # noqa: E402
-from latency import (CALIBRATION, PASSES, RUNTIMES, Timing, family_of,  # noqa: E402
+from blockswap.count_ops import CostTable  # noqa: E402
+from blockswap.funcs import sample_genotypes  # noqa: E402
+from blockswap.latency import (CALIBRATION, PASSES, RUNTIMES, Timing, family_of,  # noqa: E402
                      load_or_measure, measure_networks_ms, summarise_errors)
-from funcs import Budget, QuantisedLatency  # noqa: E402
-from files import format_convs  # noqa: E402
+from blockswap.funcs import Budget, QuantisedLatency  # noqa: E402
+from blockswap.files import format_convs  # noqa: E402
 from models import SEARCH_SPACE, Network  # noqa: E402
 
 

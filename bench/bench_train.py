@@ -20,9 +20,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import engine as E  # noqa: E402
+from blockswap import engine as E  # noqa: E402
 from models import Network  # noqa: E402
-from runtime import Runtime, pick_device, resolve_precision  # noqa: E402
+from blockswap.runtime import Runtime, pick_device, resolve_precision  # noqa: E402
 
 
 def timed_steps(model, loss_fn, batches, rt, optimizer, scaler):

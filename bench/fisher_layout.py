@@ -15,7 +15,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from funcs import fisher_scores  # noqa: E402
+from blockswap.funcs import fisher_scores  # noqa: E402
 from models import WideResNet  # noqa: E402
 from models.blocks import BLOCK_TYPES  # noqa: E402
 

@@ -106,7 +106,7 @@ def repo_outputs_untouched():
 def killed_in_epoch(monkeypatch, epoch, run):
     """Call run() with engine.train_one_epoch raising KeyboardInterrupt as epoch `epoch` starts
     (a kill mid-run, for the resume tests); engine.train_one_epoch is restored afterwards."""
-    import engine
+    from blockswap import engine
     real, calls = engine.train_one_epoch, []
 
     def killed(*a, **k):

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from loaders import get_datasets
+from blockswap.loaders import get_datasets
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import device_bench as B  # noqa: E402

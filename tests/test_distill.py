@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import main as M
-import engine as E
-from distill import DISTILL_TERMS, dist_loss, distill_loss, dkd_loss
-from cli import run_cli
+from blockswap import engine as E
+from blockswap.distill import DISTILL_TERMS, dist_loss, distill_loss, dkd_loss
+from blockswap.cli import run_cli
 from test_main import load, run, teacher_dir  # noqa: F401 (a fixture)
 from conftest import killed_in_epoch
 

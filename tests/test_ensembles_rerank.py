@@ -5,12 +5,12 @@ import os
 import pandas as pd
 import pytest
 
-import engine
+from blockswap import engine
 import fisher_rank
-import search
-from funcs import load_genotype
-from cli import run_cli
-from stats import rankdata
+from blockswap import search
+from blockswap.funcs import load_genotype
+from blockswap.cli import run_cli
+from blockswap.stats import rankdata
 from test_fisher_rank_cli import NET, cached_cost_tables  # noqa: F401 (autouse: shared cost tables)
 
 GOAL = 20000
@@ -46,9 +46,9 @@ def test_several_proxies_one_pass_one_column_each(tiny_imagefolder, multi):
     # a column holds that proxy on the candidate rebuilt from (seed, index), as a single run
     args = fisher_rank.resolve(fisher_rank.get_args_parser().parse_args(
         argv(tiny_imagefolder, out)))
-    from loaders import get_datasets
+    from blockswap.loaders import get_datasets
     import torch
-    import proxies
+    from blockswap import proxies
     train, _, _ = get_datasets("cifar10", tiny_imagefolder)
     train = fisher_rank.training_images(args, train, torch.device("cpu"))   # as the search
     (x, y), = search.load_batches(train, args, args.seed, torch.device("cpu"))

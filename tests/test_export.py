@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 import export as X
-import onnx_export as E
-from files import arch_info, load_checkpoint, save_checkpoint
-from cli import run_cli
+from blockswap import onnx_export as E
+from blockswap.files import arch_info, load_checkpoint, save_checkpoint
+from blockswap.cli import run_cli
 from models import Network
 from models.blocks import BLOCK_TYPES, SepConv3D, residual_blocks
 from models.wide_resnet import WideResNet

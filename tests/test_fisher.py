@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from count_ops import count_params
-from funcs import fisher_scores, one_shot_fisher
+from blockswap.count_ops import count_params
+from blockswap.funcs import fisher_scores, one_shot_fisher
 from models import ResNet, WideResNet, residual_blocks
 
 MIXED = ["Conv", "G4B2", "DConvA2"]

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import fisher_rank
-import search
-from funcs import budget_window, fisher_scores, load_genotype
-from cli import run_cli
+from blockswap import search
+from blockswap.funcs import budget_window, fisher_scores, load_genotype
+from blockswap.cli import run_cli
 from models import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,7 +72,7 @@ def test_search_writes_results_and_best_genotype(tiny_imagefolder, full):
     # a row's score is the Fisher potential of that candidate rebuilt from (seed, index)
     args = fisher_rank.resolve(fisher_rank.get_args_parser().parse_args(
         argv(tiny_imagefolder, out)))
-    from loaders import get_datasets
+    from blockswap.loaders import get_datasets
     train, _, _ = get_datasets("cifar10", tiny_imagefolder)
     train = fisher_rank.training_images(args, train, torch.device("cpu"))   # as the search
     (x, y), = search.load_batches(train, args, args.seed, torch.device("cpu"))

@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-import funcs
-import loaders
+from blockswap import funcs
+from blockswap import loaders
 from models import UserError, WideResNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

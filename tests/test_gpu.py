@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import main as M
-import engine as E
+from blockswap import engine as E
 from conftest import ROOT, killed_in_epoch
-from files import load_checkpoint, model_from_checkpoint
-from funcs import fisher_scores
+from blockswap.files import load_checkpoint, model_from_checkpoint
+from blockswap.funcs import fisher_scores
 from models import Network, WideResNet
-from runtime import Runtime
+from blockswap.runtime import Runtime
 from test_main import base_argv, load
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")

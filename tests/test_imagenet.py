@@ -6,8 +6,8 @@ import torch
 
 import fisher_rank
 import main as trainer
-from count_ops import count_params
-from funcs import load_genotype
+from blockswap.count_ops import count_params
+from blockswap.funcs import load_genotype
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

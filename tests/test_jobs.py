@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-import jobs
-from jobs import Job, JobsFailed, LaunchSettings, run_jobs
+from blockswap import jobs
+from blockswap.jobs import Job, JobsFailed, LaunchSettings, run_jobs
 from jobs_toy import fail_or_echo, train_toy
 from models.blocks import UserError
 
@@ -211,7 +211,7 @@ import sys
 # hands its children SIGINT ignored, and Python keeps it so; the test is about the handler
 signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path[:0] = [{root!r}, {tests!r}]
-from jobs import Job, LaunchSettings, run_jobs
+from blockswap.jobs import Job, LaunchSettings, run_jobs
 from jobs_toy import sleep_job
 if __name__ == "__main__":
     todo = [Job(f"s{{i}}", dict(name=f"s{{i}}", pid_dir={pids!r}, seconds=120)) for i in range(3)]

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import fisher_rank
-import latency
-from count_ops import CostTable
-from funcs import Budget, QuantisedLatency, budget_window, count_genotypes, sample_codes
-from cli import run_cli
+from blockswap import latency
+from blockswap.count_ops import CostTable
+from blockswap.funcs import Budget, QuantisedLatency, budget_window, count_genotypes, sample_codes
+from blockswap.cli import run_cli
 from models import Network, UserError
 
 NAMES = ["Conv", "DConv", "ConvB2", "G8B2"]
@@ -144,7 +144,7 @@ def test_search_with_latency_goal_and_resume(tiny_imagefolder, tmp_path, table_a
     assert list(df.columns) == ["index", "convs", "params", "macs", "latency_ms", "fisher"]
     assert f"lat{goal:g}ms" in s["results"] and len(df) == 4
     check_rows(df, table, goal)
-    from plots import plot_search          # the search plot has a latency panel
+    from blockswap.plots import plot_search          # the search plot has a latency panel
     png = plot_search(s["results"], str(tmp_path / "search.png"))   # goal from the settings
     assert os.path.getsize(png) > 0
     text = open(s["results"]).read()

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-import count_ops
-import latency
+from blockswap import count_ops
+from blockswap import latency
 from models import Network, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

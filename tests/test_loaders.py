@@ -9,11 +9,11 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-import engine as E
-import loaders as L
+from blockswap import engine as E
+from blockswap import loaders as L
 import main as M
-from loaders import CIFAR_STATS, Cutout, get_datasets
-from runtime import Runtime
+from blockswap.loaders import CIFAR_STATS, Cutout, get_datasets
+from blockswap.runtime import Runtime
 
 MEAN, STD = CIFAR_STATS["cifar10"]
 

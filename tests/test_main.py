@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import main as M
-import loaders as L
+from blockswap import loaders as L
 from conftest import ROOT, killed_in_epoch
-from distill import at_loss, distill_loss
-from cli import run_cli
-from files import arch_info, model_from_checkpoint
-from funcs import save_genotype
+from blockswap.distill import at_loss, distill_loss
+from blockswap.cli import run_cli
+from blockswap.files import arch_info, model_from_checkpoint
+from blockswap.funcs import save_genotype
 
 
 def base_argv(data, ckdir, *extra):
@@ -162,7 +162,7 @@ def test_student_loss_matches_formula(pairs, alpha):
 # --------------------------------------------------------------------------------------------
 
 def test_seeded_augment_depends_only_on_seed_epoch_index(tiny_imagefolder):
-    from loaders import get_datasets
+    from blockswap.loaders import get_datasets
     train, _, _ = get_datasets("cifar10", tiny_imagefolder, cutout=16)
     ds = L.SeededAugment(train, seed=5)
     ds.set_epoch(3)
@@ -276,7 +276,7 @@ def test_cli_subprocess_with_user_block_module(tiny_imagefolder, tmp_path):
 def test_subset_seed_picks_the_same_images_for_every_training_seed(tiny_imagefolder, tmp_path):
     """--subset_seed fixes the --train_subset/--val_subset images whatever --seed is (study.py
     and a re-rank compare runs on the same images); without it the seed picks them."""
-    from runtime import Runtime
+    from blockswap.runtime import Runtime
 
     def images(*flags):
         args = M.get_args_parser().parse_args(base_argv(

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 
 import main as M
-import loaders as L
-import engine as E
+from blockswap import loaders as L
+from blockswap import engine as E
 from conftest import ROOT
-from runtime import Runtime
+from blockswap.runtime import Runtime
 
 
 @pytest.mark.parametrize("loader", ["tensor", "pil"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from count_ops import CostTable, count_params, measure_model, paper_macs
+from blockswap.count_ops import CostTable, count_params, measure_model, paper_macs
 from models import (BLOCK_TYPES, SEARCH_SPACE, Network, ResNet, UserError, WideResNet,
                     register_block, residual_blocks, resnet34)
 
@@ -84,7 +84,7 @@ def _paper_table():
 
 
 def test_paper_genotypes_match_reported_figures():
-    from funcs import load_genotype
+    from blockswap.funcs import load_genotype
     for name, (kparams, mmacs) in _paper_table().items():
         net = WideResNet(40, 2, load_genotype(os.path.join(HERE, "..", "genotypes",
                                                            name + ".csv")))
@@ -126,7 +126,7 @@ def test_cost_table_equals_built_networks():
 
 
 def test_resnet34_genotypes():
-    from funcs import load_genotype
+    from blockswap.funcs import load_genotype
     net = resnet34(load_genotype(os.path.join(HERE, "..", "genotypes", "bs_imagenet_1.csv")))
     assert len(residual_blocks(net)) == 16
     assert round(count_params(net) / 1e6, 1) == 3.1          # the paper's ~3.1M student
@@ -222,7 +222,7 @@ def test_register_user_block_from_module(tmp_path):
 def test_a_registered_family_is_built_priced_and_named_back():
     """Adding a network family is one register_arch entry: it builds, its cost table equals
     its built networks, and a built network (a checkpoint's) is named back to it."""
-    from files import arch_info, model_from_checkpoint
+    from blockswap.files import arch_info, model_from_checkpoint
     from models import ARCHS, Family, Network, register_arch
     from models.resnet import resnet_slots
     layers = (1, 1, 1, 1)

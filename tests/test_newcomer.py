@@ -10,12 +10,12 @@ import sys
 import pytest
 import torch
 
-import cli
-import count_ops
+from blockswap import cli
+from blockswap import count_ops
 import fisher_rank
-import loaders
-import search
-from cli import run_cli
+from blockswap import loaders
+from blockswap import search
+from blockswap.cli import run_cli
 from models import UserError
 from test_fisher_rank_cli import GOAL, argv, cached_cost_tables  # noqa: F401 (autouse fixture)
 from test_safety import files
@@ -362,7 +362,7 @@ def test_best_file_that_is_a_folder_is_refused_before_the_search(tiny_imagefolde
 # --------------------------------------------------------------------------------------------
 
 def test_plots_default_pictures_are_the_documented_names(tmp_path):
-    import plots
+    import plots   # the script (its CLI), not the library blockswap.plots
     log = tmp_path / "run.log.csv"
     log.write_text("epoch,lr,train_loss,train_error,val_loss,val_error,seconds\n"
                    "1,0.1,2.0,80,2.1,85,3\n")

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-import plots
-from cli import run_cli
+from blockswap import plots
+from blockswap.cli import run_cli
 
 
 def _png_size(path):

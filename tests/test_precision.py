@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import main as M
-import engine as E
-import runtime
+from blockswap import engine as E
+from blockswap import runtime
 from models import Network
 from test_main import load, run
 

@@ -7,10 +7,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import funcs
-import proxies
-import ensembles
-import stats
+from blockswap import funcs
+from blockswap import proxies
+from blockswap import ensembles
+from blockswap import stats
 from models import UserError, WideResNet
 
 

@@ -16,11 +16,11 @@ import torch
 
 import fisher_rank
 import main as M
-import plots
+from blockswap import plots
 import study
 from conftest import ROOT
-from files import atomic_write
-from cli import run_cli
+from blockswap.files import atomic_write
+from blockswap.cli import run_cli
 
 
 def argv(data, ckdir, *extra):
@@ -218,7 +218,7 @@ def test_help_shows_every_default():
 def test_shared_flags_have_one_default_everywhere(flag, default, tiny_imagefolder):
     """The data, network, budget and device flags are declared once (argparse parents): the
     same default in every script that takes them (study.py sets its own smaller network)."""
-    import count_ops
+    from blockswap import count_ops
     parsers = {"main": (M.get_args_parser(), ["cifar10", "teacher"]),
                "fisher_rank": (fisher_rank.get_args_parser(), ["cifar10"]),
                "study": (study.get_args_parser(), ["cifar10"]),
@@ -282,7 +282,7 @@ def test_study_survives_a_kill_in_candidate_0(tiny_imagefolder, tmp_path, monkey
                      "register_block('MyConvS8', lambda i, o, s: nn.Conv2d(i, o, 3, s, 1))\n")
     args = study.get_args_parser().parse_args(
         study_argv(tmp_path, tiny_imagefolder, "--module", str(block)))
-    import engine
+    from blockswap import engine
     real = engine.train_on
 
     def killed(*a, **k):

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from count_ops import CostTable, count_params
-from funcs import Budget, budget_window, count_genotypes, sample_codes, sample_genotypes
+from blockswap.count_ops import CostTable, count_params
+from blockswap.funcs import Budget, budget_window, count_genotypes, sample_codes, sample_genotypes
 from models import Network, UserError, WideResNet
 
 

@@ -12,12 +12,12 @@ import sys
 import pandas as pd
 import pytest
 
-import count_ops
+from blockswap import count_ops
 import fisher_rank
-import funcs
-import search
-from funcs import Budget, load_genotype
-from cli import run_cli
+from blockswap import funcs
+from blockswap import search
+from blockswap.funcs import Budget, load_genotype
+from blockswap.cli import run_cli
 from models import UserError
 from test_fisher_rank_cli import GOAL, NET, argv, cached_cost_tables  # noqa: F401 (autouse fixture)
 
@@ -154,7 +154,7 @@ def test_count_ops_accepts_module(tmp_path):
         macs, params = count_ops.main(count_ops.get_args_parser().parse_args(
             ["--module", str(tmp_path / "blk.py"), "--conv", name, "--wrn_depth", "10",
              "--wrn_width", "1"]))
-        from count_ops import count_params
+        from blockswap.count_ops import count_params
         from models import WideResNet
         assert params == count_params(WideResNet(10, 1, name))
     finally:
@@ -294,7 +294,7 @@ def test_fewer_samples_than_stored_ranks_the_first(searched, tiny_imagefolder, t
 
 
 def test_lock_is_released_and_a_torn_lock_is_stale(tmp_path, capsys):
-    from files import pid_lock
+    from blockswap.files import pid_lock
     lock = tmp_path / "x.lock"
     with pid_lock(str(lock), "x"):
         assert lock.read_text().split()[0] == str(os.getpid())

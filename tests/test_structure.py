@@ -11,12 +11,16 @@ MAX_PARAMS, MAX_LINES = 7, 60
 
 
 def project_modules(root=ROOT):
-    """{module name: path} of the top-level scripts and the models package."""
+    """{module name: path} of the top-level scripts, the blockswap package's modules
+    ('blockswap.search', ...) and the models package."""
     mods = {f[:-3]: os.path.join(root, f) for f in os.listdir(root) if f.endswith(".py")}
-    for f in os.listdir(os.path.join(root, "models")):
-        if f.endswith(".py"):
-            name = "models" if f == "__init__.py" else f"models.{f[:-3]}"
-            mods[name] = os.path.join(root, "models", f)
+    for pkg in ("models", "blockswap"):
+        if not os.path.isdir(os.path.join(root, pkg)):
+            continue
+        for f in os.listdir(os.path.join(root, pkg)):
+            if f.endswith(".py"):
+                name = pkg if f == "__init__.py" else f"{pkg}.{f[:-3]}"
+                mods[name] = os.path.join(root, pkg, f)
     return mods
 
 
@@ -27,7 +31,9 @@ def imports_of(path, mods):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names = [node.module]
+            # `from blockswap import engine` imports the module blockswap.engine
+            subs = [f"{node.module}.{a.name}" for a in node.names]
+            names = [n for n in subs if n in mods] or [node.module]
         else:
             continue
         for name in names:
@@ -113,9 +119,10 @@ def test_functions_are_narrow_and_short_or_say_why(limit, what, reason):
     assert not over, f"over {limit} without '{reason}' in the docstring: {', '.join(over)}"
 
 
-# The command-line programs: each parses flags and calls library modules (no script imports
-# another). count_ops.py and plots.py have a small CLI too, but are library modules.
-SCRIPTS = ("main", "fisher_rank", "study", "export")
+# What sits at the root (docs/layout.md): the command-line programs and the design card's
+# names (funcs.py, count_ops.py, engine.py re-export the library for users' scripts). Each
+# calls the library; none imports another, and the library imports none of them.
+SCRIPTS = ("main", "fisher_rank", "study", "export", "plots", "count_ops", "funcs", "engine")
 MAX_LAYERS, MAX_MODULE_LINES = 6, 650
 
 
@@ -144,6 +151,16 @@ def test_no_script_imports_a_script():
     graph = import_graph()
     bad = [f"{m} -> {d}" for m, deps in graph.items() for d in deps if d in SCRIPTS]
     assert not bad, f"a script is imported: {', '.join(bad)} (move what is shared to a library)"
+
+
+def test_the_root_holds_only_the_scripts_and_the_library_imports_none():
+    mods = project_modules()
+    root = sorted(m for m in mods if "." not in m and m not in ("models", "blockswap"))
+    assert root == sorted(SCRIPTS), root
+    graph = import_graph()
+    bad = [f"{m} -> {d}" for m, deps in graph.items() if m.startswith(("blockswap", "models"))
+           for d in deps if not d.startswith(("blockswap", "models"))]
+    assert not bad, f"the library imports a root script: {', '.join(bad)}"
 
 
 def test_the_import_graph_has_at_most_six_layers():

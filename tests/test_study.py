@@ -7,7 +7,7 @@ import torch
 
 import study
 from models import WideResNet
-from proxies import PROXIES, get_proxy
+from blockswap.proxies import PROXIES, get_proxy
 
 
 def run(folder, data, extra=()):

@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-import engine
+from blockswap import engine
 import study
 from test_safety import study_argv
 

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 import study
-import stats
-from ensembles import ProxySpec
-from stats import kendall, spearman
+from blockswap import stats
+from blockswap.ensembles import ProxySpec
+from blockswap.stats import kendall, spearman
 
 
 def test_batch_statistics_equal_the_one_pair_versions():

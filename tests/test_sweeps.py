@@ -7,8 +7,7 @@ import pytest
 
 import fisher_rank
 import main as trainer
-import plots
-
+from blockswap import plots
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["bash/moonshine.sh", "bash/blockswap.sh"]
 PARSERS = {"main.py": trainer.get_args_parser, "fisher_rank.py": fisher_rank.get_args_parser,
@@ -77,7 +76,7 @@ def test_quick_blockswap_end_to_end(tmp_path):
 
 
 def test_sweep_table_from_checkpoints(tmp_path, tiny_imagefolder):
-    from count_ops import count_params
+    from blockswap.count_ops import count_params
     from models import WideResNet
     common = ["--data_loc", tiny_imagefolder, "--checkpoint_dir", str(tmp_path), "--epochs", "1",
               "--batch_size", "8", "--train_subset", "8", "--val_subset", "10", "--workers", "0",

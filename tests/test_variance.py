@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from stats import spearman
-from variance import (anova_components, early_check_at, is_noisy, noise_warning,
+from blockswap.stats import spearman
+from blockswap.variance import (anova_components, early_check_at, is_noisy, noise_warning,
                       pearson_to_spearman, variance_components)
 
 

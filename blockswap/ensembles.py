@@ -4,7 +4,7 @@ columns (so it exists only for a set of them, never for one network alone)."""
 import numpy as np
 
 from models.blocks import UserError
-from stats import rankdata
+from blockswap.stats import rankdata
 
 
 VOTE = ("synflow", "jacob_cov", "snip")   # zero-cost-nas's majority vote

@@ -22,20 +22,20 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from cli import progress
-from count_ops import CostTable
-from ensembles import finite
-from files import (atomic_write, format_convs, load_genotype, parse_convs, save_genotype,
+from blockswap.cli import progress
+from blockswap.count_ops import CostTable
+from blockswap.ensembles import finite
+from blockswap.files import (atomic_write, format_convs, load_genotype, parse_convs, save_genotype,
                    whole_lines)
-from funcs import Budget, QuantisedLatency, budget_window, count_genotypes, sample_genotypes
-from latency import family_of, load_or_measure, timing_from_args
-from loaders import (Augment, TensorImages, augmented_batches, choose_loader, dataset_identity,
+from blockswap.funcs import Budget, QuantisedLatency, budget_window, count_genotypes, sample_genotypes
+from blockswap.latency import family_of, load_or_measure, timing_from_args
+from blockswap.loaders import (Augment, TensorImages, augmented_batches, choose_loader, dataset_identity,
                      tensor_images)
 from models import BLOCK_TYPES, SEARCH_SPACE, Network, UserError, load_block_module
 from models.archs import WRN_DEPTH, WRN_WIDTH, default_arch
-from plots import plot_search
-from proxies import get_proxy
-from runtime import Runtime, all_sum
+from blockswap.plots import plot_search
+from blockswap.proxies import get_proxy
+from blockswap.runtime import Runtime, all_sum
 
 
 DEFAULT_ARCHS = "archs/master_arch.csv"   # --generate_random's file; used when it fits

@@ -38,8 +38,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from cli import at_least, progress as progress_bar
-from files import atomic_write
+from blockswap.cli import at_least, progress as progress_bar
+from blockswap.files import atomic_write
 from models.blocks import UserError
 
 LAUNCHERS = ("inline", "local", "slurm")

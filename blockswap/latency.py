@@ -32,8 +32,8 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from cli import progress as progress_bar
-from files import atomic_write
+from blockswap.cli import progress as progress_bar
+from blockswap.files import atomic_write
 from models.archs import Network
 from models.blocks import SEARCH_SPACE, BlockSlot, UserError, get_block_type, make_block
 
@@ -79,13 +79,13 @@ def _torch_prepare(module: nn.Module, shape, timing) -> Callable:
 
 
 def _onnxruntime_prepare(module: nn.Module, shape, timing) -> Callable:
-    from onnx_export import ort_callable   # here: onnx loads only for onnxruntime tables
+    from blockswap.onnx_export import ort_callable   # here: onnx loads only for onnxruntime tables
     # torch's thread count when none is asked for, so both runtimes get the same threads
     return ort_callable(module, shape, timing.threads or torch.get_num_threads())
 
 
 def _onnxruntime_call_cost(shape, timing) -> float:
-    from onnx_export import identity_callable
+    from blockswap.onnx_export import identity_callable
     return timing.time(identity_callable(shape, timing.threads or torch.get_num_threads()),
                        shape)
 

@@ -24,10 +24,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from cli import at_least, progress
-from files import atomic_write
+from blockswap.cli import at_least, progress
+from blockswap.files import atomic_write
 from models.blocks import UserError
-from runtime import Runtime
+from blockswap.runtime import Runtime
 
 CACHE_VERSION = 1
 # --loader auto decodes into memory when the decoded uint8 images take at most this much (train

@@ -25,8 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ensembles import ProxySpec
-from funcs import fisher_scores, scoring_mode
+from blockswap.ensembles import ProxySpec
+from blockswap.funcs import fisher_scores, scoring_mode
 from models.blocks import UserError, count_params, logits_of
 
 Proxy = Callable[[nn.Module, torch.Tensor, torch.Tensor], float]

@@ -7,7 +7,7 @@ from typing import Callable, Dict, List, Sequence
 import torch
 import torch.nn.functional as F
 
-from cli import at_least, positive
+from blockswap.cli import at_least, positive
 from models.blocks import UserError
 
 
