@@ -23,7 +23,7 @@ from blockswap.count_ops import measure_model
 from blockswap.cli import HelpFormatter, at_least, positive, run_cli
 from blockswap.files import atomic_write, check_writable, load_checkpoint, model_from_checkpoint
 from blockswap.latency import CLOCKS, REPEATS, WARMUP, Timing, thread_count, time_side_by_side
-from blockswap.loaders import DATASETS, NUM_CLASSES, get_datasets, subset
+from blockswap.loaders import DATASETS, NUM_CLASSES, DataSpec, get_datasets, subset
 from models.archs import Network
 from models.blocks import UserError, load_block_module
 from blockswap.onnx_export import (INPUT, OUTPUT, PARITY_TOL, accuracy, batchnorm_nodes,
@@ -116,7 +116,9 @@ def load_data(args, ckpt: dict, num_classes: int) -> dict:
     """Validation images (parity, accuracy), training images without augmentation
     (calibration), and the preprocessing a deployment must repeat."""
     dataset, folder = data_source(args, ckpt, num_classes)
-    train_set, val_set, found = get_datasets(dataset, folder)
+    trained = ckpt.get("args") or {}   # the images it was trained on (size, recipe)
+    spec = DataSpec.of(dataset, trained.get("image_size"), ckpt.get("arch"))
+    train_set, val_set, found = get_datasets(dataset, folder, spec=spec)
     if found != num_classes:
         raise UserError(f"{args.checkpoint} has {num_classes} classes but {folder} has {found}")
     train_set.transform = val_set.transform   # calibrate on images as inference sees them
@@ -124,7 +126,7 @@ def load_data(args, ckpt: dict, num_classes: int) -> dict:
     val = batches(val_set, n_val, args.seed)
     return {"dataset": dataset, "val": val, "classes": list(getattr(val_set, "classes", [])),
             "calib": batches(train_set, args.calib, args.seed) if args.int8 else [],
-            "transform": val_set.transform}
+            "transform": val_set.transform, "image_size": spec.image_size}
 
 
 def first(data: List[tuple], n: int) -> List[tuple]:
@@ -196,7 +198,7 @@ def record(model: nn.Module, checkpoint: str, data: dict, checks: dict,
            paths: Dict[str, str]) -> dict:
     """The JSON beside the .onnx file: how to feed it, and what was checked."""
     net = Network.of(model)
-    size = net.image_size
+    size = data["image_size"]
     return {
         "onnx": os.path.basename(paths["onnx"]), "checkpoint": os.path.abspath(checkpoint),
         "network": net.name, "family": {"arch": net.arch, "depth": net.depth,
@@ -204,7 +206,8 @@ def record(model: nn.Module, checkpoint: str, data: dict, checks: dict,
         "genotype": list(model.genotype), "num_classes": net.classes,
         "classes": data["classes"], "dataset": data["dataset"],
         "input": {"name": INPUT, "shape": ["batch", 3, size, size], "dtype": "float32",
-                  "layout": "NCHW, RGB", "preprocessing": preprocessing(data["transform"])},
+                  "layout": "NCHW, RGB", "image_size": size,
+                  "preprocessing": preprocessing(data["transform"])},
         "output": {"name": OUTPUT, "shape": ["batch", net.classes]},
         **{k: checks[k] for k in ("params", "macs", "size_bytes", "batchnorms", "parity",
                                   "threads", "clock", "latency_ms")},
@@ -273,7 +276,7 @@ def main(args):
 
 def export_and_check(model: nn.Module, data: dict, args) -> dict:
     """Export, BatchNorm count, parity (raises on failure), sizes, latencies, int8."""
-    size = Network.of(model).image_size
+    size = data["image_size"]
     example = data["val"][0][0][:1]
     proto = export_onnx(model, example)
     blob = proto.SerializeToString()   # once: the session, the size and the file

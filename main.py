@@ -3,6 +3,8 @@
     python main.py cifar10 teacher --conv Conv -t wrn_40_2 --wrn_depth 40 --wrn_width 2 --cifar_loc=<path>
     python main.py cifar10 student -t wrn_40_2 -s wrn_40_2_bs800k --from_genotype genotypes/bs800k.csv --cifar_loc=<path>
     python main.py cifar10 student --moonshine --conv DConvG2 -t wrn_40_2 -s wrn_40_2.DConvG2 --cifar_loc=<path>
+    python main.py folder teacher --arch resnet50 --init_weights resnet50.pth -t pets --data_loc <images>
+    python main.py folder student --arch resnet50 --teacher_weights pets.pth --from_genotype g.csv -s pets_small --data_loc <images>
     torchrun --nproc_per_node 4 main.py cifar10 teacher ...    (DistributedDataParallel)
 
 This script parses its flags into an engine.TrainConfig and calls engine.train: see engine.py
@@ -11,7 +13,7 @@ for what a run writes, how --resume and a raised --epochs behave, and the reprod
 import argparse
 import os
 
-from blockswap.cli import HelpFormatter, at_least, positive, run_cli
+from blockswap.cli import HelpFormatter, at_least, epoch_list, positive, run_cli
 from blockswap.distill import DIST_CIFAR, DISTILL_TERMS
 from blockswap.engine import TrainConfig, train
 from blockswap.loaders import data_args
@@ -45,12 +47,24 @@ def get_args_parser():
     p.add_argument("--resume", "-r", action="store_true", help="continue from the checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start again over an existing checkpoint")
     # network (also --arch, --wrn_depth, --wrn_width, --module)
-    p.add_argument("--conv", default=D.conv, help="block type of a uniform network (see models/blocks.py)")
+    p.add_argument("--conv", default=D.conv,
+                   help="block type of a uniform network (see models/blocks.py); default: the "
+                        "family's own blocks (Conv for WRN and the ResNets)")
     p.add_argument("--from_genotype", default=D.from_genotype, help="genotype CSV: one block type per block")
     p.add_argument("--moonshine", action="store_true", help="uniform student of --conv blocks")
     p.add_argument("--diff_shape", action="store_true", help="student shape from --stu_depth/width")
     p.add_argument("--stu_depth", default=D.stu_depth, type=int)
     p.add_argument("--stu_width", default=D.stu_width, type=int)
+    # weights from a file (blockswap/build.py)
+    p.add_argument("--init_weights", default=D.init_weights, metavar="FILE",
+                   help="teacher: start from these weights (a torchvision state dict or one of "
+                        "our checkpoints); a classifier for another class count starts afresh")
+    p.add_argument("--teacher_weights", default=D.teacher_weights, metavar="FILE",
+                   help="student: the teacher is the unmodified --arch network with these "
+                        "weights (a state dict or a checkpoint), not -t's checkpoint")
+    p.add_argument("--inherit", action="store_true",
+                   help="student: start from the teacher's weights wherever a tensor keeps its "
+                        "name and shape (default: from scratch, as in the paper)")
     # optimisation (the seed's recipe; --cosine --cutout give the ICLR paper's)
     p.add_argument("--lr", default=D.lr, type=positive())
     p.add_argument("--momentum", default=D.momentum, type=at_least(0, float))
@@ -58,7 +72,8 @@ def get_args_parser():
     p.add_argument("--epochs", default=D.epochs, type=at_least(1))
     p.add_argument("--batch_size", default=D.batch_size, type=at_least(1),
                    help="global batch (all processes)")
-    p.add_argument("--epoch_step", default=D.epoch_step, help="JSON list: epochs to decay lr at")
+    p.add_argument("--epoch_step", default=D.epoch_step, type=epoch_list,
+                   help="JSON list: epochs to decay lr at")
     p.add_argument("--lr_decay_ratio", default=D.lr_decay_ratio, type=at_least(0, float))
     p.add_argument("--cosine", action="store_true", help="cosine annealing to 0 instead of steps")
     p.add_argument("--alpha", default=D.alpha, type=at_least(0, float),

@@ -27,6 +27,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from blockswap import loaders as L  # noqa: E402
 from blockswap.loaders import get_datasets, subset_indices  # noqa: E402
+from blockswap.tensor_data import decode_files  # noqa: E402
 
 
 def pil_epochs(train_set, batch, epochs, seed=0):
@@ -46,7 +47,7 @@ def pil_epochs(train_set, batch, epochs, seed=0):
 def tensor_epochs(data, batch, epochs, cutout, seed=0):
     """Images/s of main.py's tensor path on the CPU."""
     sampler = DistributedSampler(range(len(data)), num_replicas=1, rank=0, shuffle=True, seed=seed)
-    loader = L.TensorLoader(data, batch, sampler, L.Augment.for_dataset("cifar10", cutout), seed)
+    loader = L.TensorLoader(data, batch, sampler, L.DataSpec.of("cifar10").augment(cutout), seed)
     rates = []
     for epoch in range(epochs):
         loader.set_epoch(epoch)
@@ -75,7 +76,7 @@ def main():
         train = get_datasets("cifar10", data_dir)[0]
         idx = subset_indices(len(train), args.images, seed=0) or list(range(len(train)))
         t0 = time.perf_counter()
-        pixels = L.decode_files([train.samples[i][0] for i in idx])
+        pixels = decode_files([train.samples[i][0] for i in idx])
         data = L.TensorImages(pixels, torch.tensor([train.samples[i][1] for i in idx]))
         print(f"images: {len(idx)} of {data_dir}, decoded once in {time.perf_counter() - t0:.1f} s"
               f", 1 thread ({torch.get_num_threads()})")

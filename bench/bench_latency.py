@@ -24,7 +24,7 @@ import pandas as pd
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from blockswap.count_ops import CostTable  # noqa: E402
 from blockswap.funcs import sample_genotypes  # noqa: E402
-from blockswap.latency import (CALIBRATION, PASSES, RUNTIMES, Timing, family_of,  # noqa: E402
+from blockswap.latency import (CALIBRATION, PASSES, RUNTIMES, Timing, timed_network,  # noqa: E402
                      load_or_measure, measure_networks_ms, summarise_errors)
 from blockswap.funcs import Budget, QuantisedLatency  # noqa: E402
 from blockswap.files import format_convs  # noqa: E402
@@ -171,7 +171,7 @@ def main(args):
         # a smoke test never replaces the documented plot
         args.out = args.out or os.path.join(tempfile.mkdtemp(), "latency_quick.png")
     args.out = args.out or "docs/latency_wrn40_2_cpu.png"
-    family = family_of(Network("wrn", args.wrn_depth, args.wrn_width))
+    family = timed_network(Network("wrn", args.wrn_depth, args.wrn_width))
     ct = CostTable.for_network(Network("wrn", args.wrn_depth, args.wrn_width, 10), names=names)
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:

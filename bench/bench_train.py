@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from blockswap import engine as E  # noqa: E402
+from blockswap.distill import resolve_distill  # noqa: E402
 from models import Network  # noqa: E402
 from blockswap.runtime import Runtime, pick_device, resolve_precision  # noqa: E402
 
@@ -76,7 +77,7 @@ def main():
           f"{args.rounds} rounds x {args.iters} steps per setting; fp32 = fp32, NCHW; "
           f"default = {runtimes['default'].precision()}")
 
-    student_cfg = E.resolve_distill(E.TrainConfig(mode="student"), None)   # AT, main's defaults
+    student_cfg = resolve_distill(E.TrainConfig(mode="student"), None)   # AT, main's defaults
 
     def teacher40():
         torch.manual_seed(1)

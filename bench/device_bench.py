@@ -9,10 +9,13 @@ Every figure comes from a fresh `python main.py` / `python fisher_rank.py` proce
 runs them: images/s is the last of 2 epochs as main.py prints it (the first epoch pays for
 start-up and compilation). Without --data_loc (or when it is missing) a synthetic CIFAR-sized
 image folder is written first: the timing, not the accuracy, is measured. Rows are run in order
-of importance (eager rows, the epoch, the search, then compiled rows) until --budget_s is spent;
-the rest say 'not run'.
+of importance until --budget_s is spent (the rest say 'not run'): each network with the first
+--amps and --loaders (eager), the full epoch, the search, the other eager rows, then compiled
+rows. --json also writes the figures, with each row's wall time (bench/device_check.py sizes
+its study from them).
 """
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -50,6 +53,7 @@ def get_args_parser():
     p.add_argument("--loaders", nargs="+", default=["tensor", "pil"])
     p.add_argument("--no_epoch", action="store_true", help="skip the full-epoch row")
     p.add_argument("--no_search", action="store_true", help="skip the search row")
+    p.add_argument("--json", default=None, help="also write the figures to this file")
     return p
 
 
@@ -104,7 +108,8 @@ def train_speed(ctx, network, amp, compile, loader, train_subset, timeout):
     argv += ["--train_subset", str(train_subset)] if train_subset else []
     argv += ["--compile"] if compile == "on" else []
     argv += ["--loader", loader] if ctx["loader_flag"] else []
-    rc, out, _ = run(argv, timeout)
+    rc, out, seconds = run(argv, timeout)
+    ctx["last_wall"] = seconds   # the whole process: start-up, data, 2 epochs, validation
     speeds = SPEED.findall(out)
     if rc != 0 or not speeds:
         return f"failed ({out.strip().splitlines()[-1][:60] if out.strip() else rc})"
@@ -120,30 +125,50 @@ def search_seconds(ctx, timeout):
     return seconds if rc == 0 else f"failed ({out.strip().splitlines()[-1][:60]})"
 
 
+def rows_in_order(args):
+    """The (network, amp, compile, loader) rows and the 'epoch' and 'search' rows, most
+    important first (see the module docstring)."""
+    eager = [(n, a, "off", l) for n in args.networks for a in args.amps for l in args.loaders]
+    first = [r for r in eager if r[1] == args.amps[0] and r[3] == args.loaders[0]]
+    rest = [r for r in eager if r not in first]
+    compiled = [(n, a, "on", l) for n in args.networks for a in args.amps for l in args.loaders]
+    extra = ["epoch"] * (not args.no_epoch) + ["search"] * (not args.no_search)
+    return first + extra + rest + (compiled if "on" in args.compiles else [])
+
+
 def measure(ctx, args):
     """{(network, amp, compile, loader): img/s or reason}, epoch seconds, search seconds."""
     deadline = time.perf_counter() + args.budget_s
     left = lambda: deadline - time.perf_counter()  # noqa: E731
     speeds, epoch, search = {}, "not run", "not run"
-    for compile in args.compiles:   # eager first: compiled rows are what a tight budget drops
-        for network in args.networks:
-            for amp in args.amps:
-                for loader in args.loaders:
-                    key = (network, amp, compile, loader)
-                    speeds[key] = "not run" if left() < 20 else train_speed(
-                        ctx, network, amp, compile, loader, ctx["size"]["subset"],
-                        min(left(), args.row_s))
-                    print(f"  {key}: {speeds[key]}", file=sys.stderr, flush=True)
-        if compile == "off":
-            best = "tensor" if ctx["loader_flag"] else "pil"
-            if not args.no_epoch and left() > 20:
-                s = train_speed(ctx, "WRN-40-2 teacher", args.amps[-1], "off", best, None,
-                                min(left(), args.row_s))
-                epoch = (ctx["size"]["train"] / s, args.amps[-1], best) \
-                    if isinstance(s, float) else s
-            if not args.no_search and left() > 20:
-                search = search_seconds(ctx, min(left(), args.row_s))
+    best = "tensor" if ctx["loader_flag"] else "pil"
+    for row in rows_in_order(args):
+        if left() < 20:
+            break
+        limit = min(left(), args.row_s)
+        if row == "epoch":
+            s = train_speed(ctx, "WRN-40-2 teacher", args.amps[-1], "off", best, None, limit)
+            epoch = (ctx["size"]["train"] / s, args.amps[-1], best) if isinstance(s, float) else s
+        elif row == "search":
+            search = search_seconds(ctx, limit)
+        else:
+            speeds[row] = train_speed(ctx, *row, ctx["size"]["subset"], limit)
+            ctx.setdefault("walls", {})[row] = ctx["last_wall"]
+        print(f"  {row}: {speeds.get(row, epoch if row == 'epoch' else search)}",
+              file=sys.stderr, flush=True)
     return speeds, epoch, search
+
+
+def figures(speeds, epoch, search, ctx) -> dict:
+    """The measured figures as JSON data: one entry per row run, with its wall seconds."""
+    walls = ctx.get("walls", {})
+    rows = [dict(zip(("network", "amp", "compile", "loader"), k), img_s=v,
+                 wall_s=walls.get(k), images=ctx["size"]["subset"], epochs=2,
+                 val_images=ctx["size"]["val"])
+            for k, v in speeds.items() if isinstance(v, float)]
+    return {"rows": rows, "device": ctx["device"], "synthetic": ctx["synthetic"],
+            "epoch_s": epoch[0] if isinstance(epoch, tuple) else None,
+            "search_s": search if isinstance(search, float) else None}
 
 
 def table(speeds, epoch, search, ctx, args) -> str:
@@ -187,6 +212,9 @@ def main(args):
            "workers": 1 if args.quick else os.cpu_count()}
     speeds, epoch, search = measure(ctx, args)
     print(table(speeds, epoch, search, ctx, args))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures(speeds, epoch, search, ctx), f, indent=1)
 
 
 if __name__ == "__main__":

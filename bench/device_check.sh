@@ -1,33 +1,19 @@
 #!/usr/bin/env bash
-# One check of a machine with one GPU, under 8 minutes: the `gpu` tests, then a table of
-# training images/s (WRN-40-2 / WRN-16-2 teachers, bs800k student; AMP off/bf16; compile
-# off/on; tensor and PIL loaders), seconds per CIFAR-10 epoch, seconds for a 1000-candidate
-# Fisher search at 800K.
+# The device check (docs/gpus.md): one command, under 9 minutes, on a machine with one GPU:
+# a 30-second smoke (versions, a training step, a Fisher potential), the gpu tests, the device
+# bench, then the GPU study sized to the time left (bench/device_check.py says how).
 #
-#   bash bench/device_check.sh [DATA]   # DATA: CIFAR-10 folder; absent: synthetic images
+#   bash bench/device_check.sh [DATA]            # DATA: the CIFAR-10 pack, default data/cifar10-pack
+#   QUICK=1 bash bench/device_check.sh [DATA]    # the same path on a CPU in under 3 minutes
 #
-# Output: the pytest summary, then the markdown table (also in device_check.md).
+# Every file it writes for you is under $OUT (a folder; unset: results/device_check/out), at
+# most 6, flat: device_check.log, device_check.md, study.csv, summary.md, study.png, state.tgz.
+# It uses the python3 found here (the machine's own torch; it installs nothing).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-DATA=${1:-${DATA:-../shared/data/cifar10-jpeg}}
-OUT=${OUT:-device_check.md}
-
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
-'device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"
-
-start=$(date +%s)
-timeout 150 python -m pytest -q -m gpu -rs 2>&1 | tail -25
-echo "pytest -m gpu: exit ${PIPESTATUS[0]}, $(( $(date +%s) - start )) s"
-
-# what is left of 7.5 minutes, less 30 s for writing the synthetic data and the table
-budget=$(( 450 - ($(date +%s) - start) - 30 ))
-data_arg=()
-if [ -d "$DATA" ]; then data_arg=(--data_loc "$DATA"); fi
-python bench/device_bench.py "${data_arg[@]}" --budget_s "$budget" | tee "$OUT"
-echo "total $(( $(date +%s) - start )) s"
-
-# The GPU study (bench/gpu_study.sh): run when this machine is a GPU one.
-if python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-  bash bench/gpu_study.sh "$DATA"
-fi
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+args=()
+if [ "${QUICK:-0}" = 1 ]; then args+=(--quick); fi
+if [ $# -ge 1 ]; then args+=(--data "$1"); fi
+if [ -n "${WORK:-}" ]; then args+=(--work "$WORK"); fi   # default results/device_check[_quick]
+exec "$PY" -u bench/device_check.py ${args[@]+"${args[@]}"}

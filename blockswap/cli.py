@@ -1,16 +1,19 @@
 """Command-line glue shared by the scripts: one-line errors, --help with defaults."""
 import argparse
 import copy
+import json
 import math
 import sys
-from typing import Optional, Sequence
+import time
+from typing import Callable, Optional, Sequence
 
 from models.blocks import UserError
 
 
 def run_cli(main, parser, argv: Optional[Sequence[str]] = None):
     """Parse, run main(args); a bad flag or a UserError ends as one line on stderr
-    ('error: ...') and exit status 2."""
+    ('error: ...') and exit status 2; Ctrl-C (or SIGTERM where a job launcher turns it into
+    one) as the line 'interrupted' and status 130, the shell's for SIGINT, not a traceback."""
     one_line_errors(parser)
     args = parser.parse_args(argv)
     try:
@@ -18,6 +21,9 @@ def run_cli(main, parser, argv: Optional[Sequence[str]] = None):
     except UserError as e:
         print(f"error: {user_message(e)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def user_message(e: UserError) -> str:
@@ -92,15 +98,32 @@ def positive(kind=float):
     return parse
 
 
+def epoch_list(text: str) -> str:
+    """argparse type of --epoch_step: a JSON list of epochs (whole numbers >= 0), checked at
+    parse time; the text itself is kept (a checkpoint records it, and --resume compares)."""
+    try:
+        steps = json.loads(text)
+    except ValueError:
+        steps = None
+    if not (isinstance(steps, list) and all(type(s) is int and s >= 0 for s in steps)):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a JSON list of epochs such as "
+                                         "'[60,120,160]'")
+    return text
+
+
 class LogProgress:
     """A progress report for a log file (stderr not a terminal): one line per ~10% of `total`
     instead of tqdm's carriage-return redraws, which a log keeps as one endless line. On
-    stdout, with the run's other notes: stderr keeps only a failed run's one `error:` line. The
-    update/set_postfix/set_postfix_str/write/close subset of tqdm that the callers use."""
+    stdout, with the run's other notes: stderr keeps only a failed run's one `error:` line. Each
+    line has the elapsed time and, once an item is done, the ETA at the mean rate so far, as the
+    terminal bar does. The update/set_postfix/set_postfix_str/write/close subset of tqdm that
+    the callers use."""
 
     def __init__(self, iterable=None, desc: str = "", total: Optional[int] = None,
-                 disable: bool = False, step: float = 0.1):
+                 disable: bool = False, step: float = 0.1,
+                 clock: Callable[[], float] = time.monotonic):
         self.iterable, self.desc, self.disable = iterable, desc, disable
+        self.clock, self.start = clock, clock()
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)
         self.total, self.n, self.postfix, self.step = total, 0, "", step
@@ -138,8 +161,12 @@ class LogProgress:
         if self.disable:
             return
         of = f"{self.n}/{self.total} ({100 * self.n // self.total}%)" if self.total else str(self.n)
-        post = f" [{self.postfix}]" if self.postfix else ""
-        print(f"{self.desc}: {of}{post}", flush=True)
+        elapsed = self.clock() - self.start
+        times = f"elapsed {clock_time(elapsed)}"
+        if self.total and 0 < self.n < self.total:
+            times += f", ETA {clock_time(elapsed / self.n * (self.total - self.n))}"
+        post = f", {self.postfix}" if self.postfix else ""
+        print(f"{self.desc}: {of} [{times}{post}]", flush=True)
 
     def write(self, text: str) -> None:
         """A note between the progress lines (tqdm.write's place: stdout)."""
@@ -153,6 +180,13 @@ class LogProgress:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def clock_time(seconds: float) -> str:
+    """M:SS, or H:MM:SS from an hour (tqdm's format)."""
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def progress(iterable=None, desc: str = "", total: Optional[int] = None, disable: bool = False,

@@ -10,20 +10,20 @@ once from single blocks, prices hundreds of thousands of genotypes in millisecon
     python count_ops.py --genotype genotypes/bs800k.csv        # WRN-40-2 unless told otherwise
 """
 import argparse
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from blockswap.cli import HelpFormatter
+from blockswap.cli import HelpFormatter, at_least
 from blockswap.files import load_genotype
 from blockswap.latency import add_latency_args, print_latency, timing_from_args
 from models.archs import Network, network_args
 # count_params lives with the networks; it is imported here for users who take it from here.
-from models.blocks import (SEARCH_SPACE, BlockSlot, UserError, count_params, get_block_type,
-                           load_block_module, make_block, residual_blocks)
+from models.blocks import (BlockSlot, PreActivation, UserError, build_block, count_params,
+                           get_block_type, residual_blocks)
 
 
 @torch.no_grad()
@@ -44,12 +44,16 @@ def measure_model(model: nn.Module, H: int, W: int) -> Tuple[int, int]:
 
 
 @torch.no_grad()
-def paper_macs(model: nn.Module, H: int, W: int) -> int:
+def paper_macs(model: nn.Module, H: int, W: int) -> Optional[int]:
     """MACs as the BlockSwap paper reports them: convolutions and linear layers, plus one op per
     element through each pre-activation ReLU of a residual block (after its `bn1`/`bn2`) and of
     the network's final `bn1`, plus one per element average-pooled. (ReLUs inside the cheap
     convs are not counted.) Reproduces the paper's 328.3M for WRN-40-2 and its student figures.
+    None for a network whose blocks are not pre-activation ones (the torchvision families):
+    the paper counted none of those.
     """
+    if not all(isinstance(b, PreActivation) for b in residual_blocks(model)):
+        return None
     bns = [b.bn1 for b in residual_blocks(model)]
     bns += [b.bn2 for b in residual_blocks(model) if hasattr(b, "bn2")]
     if isinstance(getattr(model, "bn1", None), nn.BatchNorm2d):
@@ -74,8 +78,12 @@ def paper_macs(model: nn.Module, H: int, W: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 def block_cost(name: str, slot: BlockSlot) -> Tuple[int, int]:
-    """(params, MACs) of one residual block of type `name` at `slot`."""
-    block = make_block(name, slot.in_planes, slot.out_planes, slot.stride)
+    """(params, MACs) of one residual block of type `name` at `slot`. Built on the meta device
+    (shapes only: initialising ResNet-50's wide layers took most of its table's time), then
+    given uninitialised CPU memory to run on: values do not change the counts."""
+    with torch.device("meta"):
+        block = build_block(name, slot)
+    block = block.to_empty(device="cpu")
     x = torch.zeros(1, slot.in_planes, slot.size, slot.size)
     return count_params(block), count_macs(block, x)
 
@@ -90,7 +98,7 @@ class CostTable:
     latency = None   # fisher_rank sets a latency.QuantisedLatency on a copy for a latency goal
 
     def __init__(self, slots: List[BlockSlot], base_net: nn.Module, image_size: int,
-                 names: Sequence[str] = SEARCH_SPACE):
+                 names: Sequence[str]):
         self.names = list(names)
         self.index = {n: t for t, n in enumerate(self.names)}
         for n in self.names:
@@ -101,16 +109,17 @@ class CostTable:
                 cache[n, slot] = block_cost(n, slot)
         self.params = np.array([[cache[n, s][0] for n in self.names] for s in slots], np.int64)
         self.macs = np.array([[cache[n, s][1] for n in self.names] for s in slots], np.int64)
-        # The base is what a uniform network costs beyond its blocks.
+        # The base is what a built network (base_net) costs beyond its blocks.
         macs, params = measure_model(base_net, image_size, image_size)
-        conv = [cache.get(("Conv", s)) or block_cost("Conv", s) for s in slots]
-        self.base_params = params - sum(c[0] for c in conv)
-        self.base_macs = macs - sum(c[1] for c in conv)
+        own = [cache.get((n, s)) or block_cost(n, s) for n, s in zip(base_net.genotype, slots)]
+        self.base_params = params - sum(c[0] for c in own)
+        self.base_macs = macs - sum(c[1] for c in own)
 
     @classmethod
-    def for_network(cls, net: Network, names=SEARCH_SPACE):
-        """The table of a registered network (models.archs): its slots, its input size."""
-        return cls(net.slots(), net.build("Conv"), net.image_size, names)
+    def for_network(cls, net: Network, names: Optional[Sequence[str]] = None):
+        """The table of a registered network (models.archs): its slots, its input size, its
+        unmodified network as the base; names None: the family's search space."""
+        return cls(net.slots(), net.build(), net.image_size, net.space if names is None else names)
 
     @property
     def n_positions(self) -> int:
@@ -146,8 +155,9 @@ def get_args_parser():
     p = argparse.ArgumentParser(description="Parameters and MACs of a network or genotype.",
                                 formatter_class=HelpFormatter, parents=[network_args()])
     p.add_argument("--genotype", help="genotype CSV (default: a uniform network of --conv)")
-    p.add_argument("--conv", default="Conv", help="block type of a uniform network")
-    p.add_argument("--num_classes", default=None, type=int,
+    p.add_argument("--conv", default=None,
+                   help="block type of a uniform network (default: the unmodified network)")
+    p.add_argument("--num_classes", default=None, type=at_least(1),
                    help="classifier outputs (default: 10 for wrn, 1000 for resnets)")
     p.add_argument("--latency", action="store_true",
                    help="also the table's predicted and the measured inference latency")
@@ -157,18 +167,16 @@ def get_args_parser():
 
 
 def main(args):
-    if args.num_classes is not None and args.num_classes < 1:
-        raise UserError(f"--num_classes must be at least 1, got {args.num_classes}")
     net = Network.from_args(args, args.num_classes)
     if args.latency:
         timing_from_args(args)   # a bad --latency_device etc., before any work
-    if args.module:
-        load_block_module(args.module)
     model = net.build(load_genotype(args.genotype) if args.genotype else args.conv)
     size = net.image_size
     macs, params = measure_model(model, size, size)
-    print(f"params {params:,}  MACs {macs:,} (conv+linear; {paper_macs(model, size, size):,} "
-          f"as the paper counts)  blocks {len(residual_blocks(model))}")
+    paper = paper_macs(model, size, size)
+    paper = "" if paper is None else f"; {paper:,} as the paper counts"
+    print(f"params {params:,}  MACs {macs:,} (conv+linear{paper})  "
+          f"blocks {len(residual_blocks(model))}")
     if args.latency:
         print_latency(args, net, model, args.latency_dir)
     return macs, params

@@ -2,13 +2,14 @@
 2022) and DIST (Huang et al. 2022), as terms added to the cross-entropy (--distill at+kd, ...)."""
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from blockswap.cli import at_least, positive
-from models.blocks import UserError
+from models.archs import Network
+from models.blocks import UserError, logits_of
 
 
 def at(x: torch.Tensor) -> torch.Tensor:
@@ -60,6 +61,44 @@ def dist_loss(student_logits, teacher_logits, beta: float = 1.0, gamma: float = 
     inter = 1 - _row_pearson(p_s, p_t).mean()
     intra = 1 - _row_pearson(p_s.t(), p_t.t()).mean()
     return (beta * inter + gamma * intra) * (T * T)
+
+
+class Taps:
+    """The outputs of a network's named modules (its family's Network.taps: each stage's
+    output, where attention transfer compares student and teacher), caught by forward hooks
+    while taps(model, x) runs (torchdistill's way): no model returns anything special for
+    distillation. The hooks stay on the network but keep nothing outside such a call."""
+
+    def __init__(self, model: torch.nn.Module, names: Sequence[str]):
+        modules = dict(model.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise UserError(f"{type(model).__name__} has no module {missing[0]} to take an "
+                            "attention-transfer point from (its family's taps)")
+        self.names, self.caught, self.armed = tuple(names), {}, False
+        for name in self.names:
+            modules[name].register_forward_hook(self._catch(name))
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "Taps":
+        return cls(model, Network.of(model).taps)
+
+    def _catch(self, name: str):
+        def hook(module, inputs, output):
+            if self.armed:
+                self.caught[name] = output
+        return hook
+
+    def __call__(self, model, x: torch.Tensor):
+        """(logits, [output of each tap, in order]) of model(x); `model` is the hooked network
+        or a wrapper of it (DistributedDataParallel)."""
+        self.armed = True
+        try:
+            logits = logits_of(model(x))
+            return logits, [self.caught[n] for n in self.names]
+        finally:
+            self.armed = False
+            self.caught.clear()
 
 
 @dataclass(frozen=True)
@@ -115,6 +154,40 @@ DISTILL_TERMS: Dict[str, DistillTerm] = {
 # dist_cifar.yaml, used by hunto/DIST_KD): DIST(beta=1, gamma=1, tau=4) with loss weight 2 beside
 # cross-entropy weight 1, i.e. beta = gamma = 2, T = 4. main.py's --dist_cifar selects it.
 DIST_CIFAR = {"dist_beta": 2.0, "dist_gamma": 2.0, "dist_temperature": 4.0}
+
+
+def term_default(flag: str):
+    """The default of a distillation term's hyper-parameter (stated once, in DISTILL_TERMS)."""
+    return next(t.flags[flag][1] for t in DISTILL_TERMS.values() if flag in t.flags)
+
+
+KD_ALPHA = 0.9   # Hinton KD's usual weight (the original's), when --distill names kd alone
+
+
+def resolve_distill(cfg, saved: Optional[dict], say: Callable = print):
+    """The settled --distill of a training record (engine.TrainConfig), before anything is
+    written. A checkpoint from before --distill resumes with the loss it was trained with: at,
+    +kd when its alpha > 0. `say` prints the defaults it chose (engine passes rt.print: one
+    line, not one per torchrun process)."""
+    if saved is not None and "distill" not in saved:
+        cfg = cfg.replace(distill=None)
+    if cfg.distill is None:
+        cfg = cfg.replace(distill="at+kd" if cfg.alpha > 0 else "at")
+    names = parse_distill(cfg.distill)
+    if "kd" in names and cfg.alpha == 0:
+        say(f"--distill {cfg.distill}: kd takes its usual weight, --alpha {KD_ALPHA} "
+            "(pass --alpha to choose another)")
+        cfg = cfg.replace(alpha=KD_ALPHA)
+    if ("kd" in names) != (cfg.alpha > 0):
+        raise UserError(f"--alpha is the weight of kd: with --distill {cfg.distill} give "
+                        + ("--alpha > 0 (e.g. 0.9)" if "kd" in names else
+                           f"--alpha 0, or add kd (--distill {cfg.distill}+kd)"))
+    if cfg.dist_cifar:
+        for key, value in DIST_CIFAR.items():
+            if getattr(cfg, key) not in (term_default(key), value):
+                raise UserError(f"--dist_cifar sets --{key} {value:g}: drop one of them")
+        cfg = cfg.replace(**DIST_CIFAR)
+    return cfg
 
 
 def parse_distill(spec: str) -> List[str]:

@@ -22,7 +22,6 @@ DDP), so N processes are equivalent to one process that normalises each 1/N of t
 """
 import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -36,20 +35,21 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from blockswap.distill import DIST_CIFAR, DISTILL_TERMS, distill_loss, parse_distill
-from blockswap.files import (HISTORY, LOG_FIELDS, RunPaths, append_log, arch_info, check_writable,
-                   load_checkpoint, load_genotype, log_of, model_from_checkpoint,
-                   save_checkpoint, write_log)
+from blockswap.build import (Teacher, check_mode_flags, check_teacher_classes, genotype_arg,
+                             initial_weights, load_teacher, new_model, same_validation)
+from blockswap.distill import Taps, distill_loss, parse_distill, resolve_distill, term_default
+from blockswap.files import (HISTORY, LOG_FIELDS, RunPaths, append_log, arch_info,
+                             check_writable, load_genotype, log_of, model_from_checkpoint,
+                             save_checkpoint, write_log)
 from blockswap.funcs import get_no_params
-from blockswap.loaders import data_location, make_loaders, set_epoch
-from models import Network, UserError, get_block_type, load_block_module
-from blockswap.runtime import (AMP_NAMES, Runtime, all_sum, distributed_teardown, start_runtime,
-                     sync_buffers, unwrap, with_precision)
-
-
-def _term_default(flag: str):
-    """The default of a distillation term's hyper-parameter (stated once, in distill.py)."""
-    return next(t.flags[flag][1] for t in DISTILL_TERMS.values() if flag in t.flags)
+from blockswap.loaders import (BATCH_SIZE, LOADER, WORKERS, DataSpec, data_location,
+                               make_loaders, set_epoch)
+from blockswap.resume import (check_resume_classes, extend_schedule, finished, record_precision,
+                              start_or_resume)
+from blockswap.runtime import (AMP, DEVICE, Runtime, all_sum, distributed_teardown,
+                               start_runtime, sync_buffers, unwrap, with_precision)
+from models import Network, UserError, load_block_module
+from models.blocks import logits_of
 
 
 @dataclass(frozen=True)
@@ -60,20 +60,26 @@ class TrainConfig:
     mode: str = "teacher"                 # teacher: cross-entropy; student: + --distill terms
     data_loc: str = "data/cifar"
     download: bool = False
-    workers: int = 2                      # processes that decode images (per GPU)
-    loader: str = "auto"                  # tensor, pil, or auto (tensor for CIFAR-scale data)
+    workers: int = WORKERS                # processes that decode images (per GPU)
+    loader: str = LOADER                  # tensor, pil, or auto (tensor for CIFAR-scale data)
     cache_dir: Optional[str] = None
+    image_size: Optional[int] = None      # None: the data set's; a folder's: the family's
     arch: Optional[str] = None            # None: wrn on CIFAR, resnet34 on ImageNet
     wrn_depth: Optional[int] = None
     wrn_width: Optional[int] = None
     module: Optional[str] = None          # a user's block file (register_block)
-    conv: str = "Conv"                    # a uniform network of these, unless convs is given
+    conv: Optional[str] = None            # a uniform network of these, unless convs is given;
+                                          # None: the family's own (Conv for WRN, the ResNets)
     convs: Optional[List[str]] = None     # the genotype
     from_genotype: str = ""               # the genotype file convs was read from (messages)
     moonshine: bool = False
     diff_shape: bool = False
     stu_depth: int = 40
     stu_width: int = 2
+    # weights from a file (build.py)
+    init_weights: Optional[str] = None    # a new teacher starts from this state dict
+    teacher_weights: Optional[str] = None  # a student's teacher: this file, not -t's checkpoint
+    inherit: bool = False                 # a student starts from its teacher's same-shape tensors
     # checkpoints
     teacher_checkpoint: str = "wrn_40_2_T"
     student_checkpoint: str = "wrn_40_2_student_KT"
@@ -85,7 +91,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     epochs: int = 200
-    batch_size: int = 128                 # the global batch (all processes)
+    batch_size: int = BATCH_SIZE          # the global batch (all processes)
     epoch_step: str = "[60,120,160]"      # JSON list: epochs to decay lr at
     lr_decay_ratio: float = 0.2
     cosine: bool = False
@@ -99,17 +105,17 @@ class TrainConfig:
     temperature: float = 4.0              # KD temperature
     beta: float = 1e3                     # attention transfer weight
     distill: Optional[str] = None         # None: at, or at+kd when alpha > 0
-    dkd_alpha: float = _term_default("dkd_alpha")
-    dkd_beta: float = _term_default("dkd_beta")
-    dkd_temperature: float = _term_default("dkd_temperature")
-    dkd_warmup: int = _term_default("dkd_warmup")
-    dist_beta: float = _term_default("dist_beta")
-    dist_gamma: float = _term_default("dist_gamma")
-    dist_temperature: float = _term_default("dist_temperature")
+    dkd_alpha: float = term_default("dkd_alpha")
+    dkd_beta: float = term_default("dkd_beta")
+    dkd_temperature: float = term_default("dkd_temperature")
+    dkd_warmup: int = term_default("dkd_warmup")
+    dist_beta: float = term_default("dist_beta")
+    dist_gamma: float = term_default("dist_gamma")
+    dist_temperature: float = term_default("dist_temperature")
     dist_cifar: bool = False
     # hardware
-    device: str = "auto"
-    amp: str = "auto"
+    device: str = DEVICE
+    amp: str = AMP
     no_channels_last: bool = False
     channels_last: Optional[bool] = None  # resolved from the device and amp
     compile: bool = False
@@ -152,15 +158,6 @@ class TrainResult:
         return float(self.log[-1]["val_error"]) if self.log else float("nan")
 
 
-# Arguments that define the training run: on --resume the checkpoint's values are used, so the
-# continued run follows the schedule it started with.
-RUN_KEYS = ("dataset", "mode", "lr", "momentum", "weight_decay", "epoch_step", "lr_decay_ratio",
-            "cosine", "epochs", "batch_size", "seed", "subset_seed", "cutout", "train_subset",
-            "val_subset", "alpha", "temperature", "beta", "teacher_checkpoint", "loader",
-            # ... and the student's distillation method with every term's hyper-parameters
-            "distill", "dist_cifar", *(f for term in DISTILL_TERMS.values() for f in term.flags))
-
-
 def describe(model: nn.Module) -> str:
     convs = model.genotype  # a uniform network is named by its one block type
     kinds = convs[0] if len(set(convs)) == 1 else ",".join(convs)
@@ -180,6 +177,7 @@ class Run:
     loss_fn: Callable
     log: List[dict] = field(default_factory=list)
     epoch: int = 0
+    teacher_val_error: Optional[float] = None   # a student's teacher's, measured once
 
     def history(self) -> Dict[str, list]:
         return {key: [row[col] for row in self.log] for key, col in HISTORY.items()}
@@ -203,54 +201,38 @@ class Run:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, **arch_info(net),
                 "conv": net.genotype[0] if uniform else None, "module": cfg.module,
-                "args": dataclasses.asdict(cfg), **self.history(), "log": list(self.log)}
+                "args": dataclasses.asdict(cfg), **self.history(), "log": list(self.log),
+                # its last validation error (a student reads its teacher's from here), and
+                # a student's teacher's (a resumed student does not validate the teacher again)
+                "val_error": self.log[-1]["val_error"] if self.log else None,
+                "teacher_val_error": self.teacher_val_error}
 
 
 def teacher_loss_fn(model, inputs, targets, epoch=0):
-    logits, _ = model(inputs)
+    logits = logits_of(model(inputs))
     return F.cross_entropy(logits.float(), targets), logits
 
 
 def make_student_loss_fn(teacher, cfg):
-    """Cross-entropy + the --distill terms; `epoch` counts from 0 (fit's loop index)."""
+    """Cross-entropy + the --distill terms on (logits, stage outputs) of student and teacher;
+    the stage outputs are caught by forward hooks at each family's Network.taps (distill.Taps),
+    the student's hooked at its first step (before a compiled forward first runs). `epoch`
+    counts from 0 (fit's loop index)."""
     names = parse_distill(cfg.distill)
+    if "at" in names and not Network.of(teacher).taps:
+        raise UserError(f"--distill {cfg.distill}: attention transfer needs the stage outputs "
+                        f"of {Network.of(teacher).name} (its family's taps) and it names none; "
+                        "give it taps, or use --distill kd, dkd or dist")
+    teacher_taps, student_taps = Taps.of(teacher), {}
 
     def loss_fn(model, inputs, targets, epoch=0):
         with torch.no_grad():
-            t_out = teacher(inputs)
-        out = model(inputs)
+            t_out = teacher_taps(teacher, inputs)
+        net = unwrap(model)
+        taps = student_taps.get(id(net)) or student_taps.setdefault(id(net), Taps.of(net))
+        out = taps(model, inputs)
         return distill_loss(names, out, t_out, targets, cfg, epoch + 1), out[0]
     return loss_fn
-
-
-KD_ALPHA = 0.9   # Hinton KD's usual weight (the original's), when --distill names kd alone
-
-
-def resolve_distill(cfg: TrainConfig, saved: Optional[dict],
-                    say: Callable = print) -> TrainConfig:
-    """The settled --distill, before anything is written. A checkpoint from before --distill
-    resumes with the loss it was trained with: at, +kd when its alpha > 0. `say` prints the
-    defaults it chose (train_on passes rt.print: one line, not one per torchrun process)."""
-    if saved is not None and "distill" not in saved:
-        cfg = cfg.replace(distill=None)
-    if cfg.distill is None:
-        cfg = cfg.replace(distill="at+kd" if cfg.alpha > 0 else "at")
-    names = parse_distill(cfg.distill)
-    if "kd" in names and cfg.alpha == 0:
-        say(f"--distill {cfg.distill}: kd takes its usual weight, --alpha {KD_ALPHA} "
-              "(pass --alpha to choose another)")
-        cfg = cfg.replace(alpha=KD_ALPHA)
-    if ("kd" in names) != (cfg.alpha > 0):
-        raise UserError(f"--alpha is the weight of kd: with --distill {cfg.distill} give "
-                        + ("--alpha > 0 (e.g. 0.9)" if "kd" in names else
-                           f"--alpha 0, or add kd (--distill {cfg.distill}+kd)"))
-    if cfg.dist_cifar:
-        for key, value in DIST_CIFAR.items():
-            default = _term_default(key)
-            if getattr(cfg, key) not in (default, value):
-                raise UserError(f"--dist_cifar sets --{key} {value:g}: drop one of them")
-        cfg = cfg.replace(**DIST_CIFAR)
-    return cfg
 
 
 @dataclass(frozen=True)
@@ -323,175 +305,12 @@ def validate(model, loader, rt: Runtime):
     for inputs, targets in loader:
         inputs, targets = rt.images(inputs), targets.to(rt.device, non_blocking=True)
         with rt.autocast():
-            logits, _ = net(inputs)
+            logits = logits_of(net(inputs))
         sums[0] += F.cross_entropy(logits.float(), targets, reduction="sum").double()
         sums[1] += (logits.argmax(1) != targets).sum()
         sums[2] += targets.size(0)
     loss_sum, wrong, n = all_sum(sums, rt).tolist()
     return loss_sum / max(n, 1), 100.0 * wrong / max(n, 1)
-
-
-def start_or_resume(cfg: TrainConfig, path: str, rt: Runtime):
-    """(cfg with the checkpoint's run settings, checkpoint) to resume, or (cfg, None) for a
-    fresh run; refuses a fresh run over an existing checkpoint unless --overwrite."""
-    if not cfg.resume:
-        if os.path.exists(path) and not cfg.overwrite:
-            raise UserError(f"{path} exists: add --resume to continue it or --overwrite to "
-                            "train from scratch over it")
-        return cfg, None
-    ckpt = load_checkpoint(path)
-    check_resume(ckpt, cfg, path, rt)
-    saved, changes = ckpt.get("args", {}), {}
-    for key in RUN_KEYS:
-        if key in saved and saved[key] != getattr(cfg, key):
-            rt.print(f"resume: using the checkpoint's --{key} {saved[key]} "
-                     f"(this command said {getattr(cfg, key)})")
-            changes[key] = saved[key]
-    return cfg.replace(**changes), ckpt
-
-
-def requested_arch(cfg) -> dict:
-    """The network this command asks for, as far as it says without the teacher's checkpoint
-    (a student's shape is its teacher's unless --diff_shape or --wrn_depth/--wrn_width)."""
-    want = {"convs": genotype_arg(cfg)}   # a list, or one block name for a uniform network
-    if cfg.mode == "teacher":
-        net = Network.from_args(cfg)
-        want.update(arch=net.arch, depth=net.depth, width=net.width)
-    elif cfg.diff_shape:
-        want["arch"], want["depth"], want["width"] = "wrn", cfg.stu_depth, cfg.stu_width
-    else:
-        want.update({k: v for k, v in (("arch", cfg.arch), ("depth", cfg.wrn_depth),
-                                       ("width", cfg.wrn_width)) if v is not None})
-    return want
-
-
-def check_resume(ckpt: dict, cfg, path: str, rt: Runtime) -> None:
-    """Refuse to resume a checkpoint of another kind of run (teacher/student) or of another
-    network than the command asks for. A raised --epochs extends the run: the checkpoint's
-    recorded --epochs is raised in memory, so the copy of its run arguments keeps the new one."""
-    saved = ckpt.get("args") or {}
-    mode = saved.get("mode")
-    if mode and mode != cfg.mode:
-        raise UserError(f"--resume: {path} is a {mode} checkpoint, this command trains a "
-                        f"{cfg.mode}")
-    have = {"arch": ckpt.get("arch", "wrn"), "depth": ckpt.get("depth"),
-            "width": ckpt.get("width"), "convs": list(ckpt["convs"])}
-    for key, value in requested_arch(cfg).items():
-        old = have[key]
-        if key == "convs" and isinstance(value, str):
-            value = [value] * len(old)     # --conv X: a uniform genotype
-        if old != value:
-            old, value = (_short(v) for v in (old, value))
-            raise UserError(f"--resume: {path} has {key} {old}, this command asks for "
-                            f"{key} {value}; give the run's own settings to resume it, or a new "
-                            "name to train another network")
-    if saved.get("epochs") is not None and cfg.epochs > saved["epochs"]:
-        rt.print(f"resume: extending the run from {saved['epochs']} to {cfg.epochs} epochs")
-        saved["epochs"] = cfg.epochs
-
-
-def _short(value):
-    """A uniform genotype as its one block name (for messages)."""
-    return value[0] if isinstance(value, list) and len(set(value)) == 1 else value
-
-
-def check_resume_classes(ckpt: Optional[dict], num_classes: int, cfg, path: str) -> None:
-    if ckpt and ckpt["num_classes"] != num_classes:
-        raise UserError(f"--resume: {path} has {ckpt['num_classes']} classes, {cfg.dataset} at "
-                        f"{data_location(cfg)} has {num_classes}")
-
-
-def finished(ckpt: dict, cfg, path: str, rt: Runtime) -> bool:
-    """True (and says so) when the resumed run has already trained all its epochs."""
-    if ckpt["epoch"] < cfg.epochs:
-        return False
-    rt.print(f"{path} has finished its {ckpt['epoch']} epochs: nothing to do (to train it "
-             f"longer, resume with a larger --epochs)")
-    return True
-
-
-def extend_schedule(scheduler, optimizer, cfg) -> None:
-    """After a raised --epochs, cosine annealing follows the longer run's curve from the
-    current epoch on (a stepped schedule does not depend on --epochs)."""
-    if not isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) \
-            or scheduler.T_max == cfg.epochs:
-        return
-    scheduler.T_max, epoch = cfg.epochs, scheduler.last_epoch
-    lrs = [scheduler.eta_min + (base - scheduler.eta_min) *
-           (1 + math.cos(math.pi * epoch / cfg.epochs)) / 2 for base in scheduler.base_lrs]
-    for group, lr in zip(optimizer.param_groups, lrs):
-        group["lr"] = lr
-    scheduler._last_lr = lrs
-
-
-def record_precision(cfg: TrainConfig, rt: Runtime, ckpt: Optional[dict]) -> TrainConfig:
-    """cfg with the resolved precision (saved in every checkpoint): --amp auto becomes
-    what it chose. A resumed run repeats the interrupted one exactly only in the same precision."""
-    resolved = {"amp": AMP_NAMES[rt.amp_dtype],
-                "channels_last": rt.channels_last}
-    saved = ckpt.get("args", {}) if ckpt else {}
-    if "amp" in saved and saved["amp"] != resolved["amp"]:
-        rt.print(f"resume: the checkpoint was trained with --amp {saved['amp']}, this run uses "
-                 f"--amp {resolved['amp']} (pass --amp {saved['amp']} to continue it exactly)")
-    return cfg.replace(**resolved)
-
-
-def load_teacher(cfg, num_classes: int) -> nn.Module:
-    """The frozen teacher: rebuilt from its checkpoint, eval mode, no gradients."""
-    path = RunPaths.of(cfg.checkpoint_dir, cfg.teacher_checkpoint).checkpoint
-    if not os.path.isfile(path):
-        raise UserError(f"teacher checkpoint {path} not found: train it first (python main.py "
-                        f"{cfg.dataset} teacher -t {cfg.teacher_checkpoint} ...) or pass -t NAME "
-                        f"of a checkpoint in {cfg.checkpoint_dir}/")
-    ckpt = load_checkpoint(path)
-    if ckpt["num_classes"] != num_classes:
-        raise UserError(f"{path} has {ckpt['num_classes']} classes but {cfg.dataset} at "
-                        f"{data_location(cfg)} has {num_classes}")
-    teacher = model_from_checkpoint(ckpt, path)
-    teacher.requires_grad_(False)
-    return teacher.eval()
-
-
-def genotype_arg(cfg: TrainConfig):
-    """The genotype's list of block names (convs), else the --conv name (uniform network)."""
-    if cfg.convs:
-        if cfg.moonshine:
-            raise UserError("--moonshine is a uniform student of --conv blocks: drop "
-                            "--from_genotype or --moonshine")
-        return list(cfg.convs)
-    get_block_type(cfg.conv)   # validated here, after --module has registered its names
-    return cfg.conv
-
-
-def new_model(cfg, num_classes: int, teacher: Optional[nn.Module]) -> nn.Module:
-    """A fresh teacher (shape from the flags) or student (the teacher's shape unless
-    --diff_shape) with the genotype from --from_genotype or --conv."""
-    convs = genotype_arg(cfg)
-    net = Network.from_args(cfg, num_classes) if teacher is None \
-        else student_network(cfg, Network.of(teacher))
-    try:
-        return net.build(convs)
-    except UserError as e:
-        where = (f"--from_genotype {cfg.from_genotype}" if cfg.from_genotype else
-                 "the genotype" if cfg.convs else "--conv")
-        raise UserError(f"{where}: {e}") from None
-
-
-def student_network(cfg, teacher: Network) -> Network:
-    """The teacher's network, or a WRN of --stu_depth/--stu_width with --diff_shape."""
-    if cfg.arch not in (None, teacher.arch):
-        raise UserError(f"--arch {cfg.arch} does not match the teacher checkpoint "
-                        f"({teacher.arch}): a student has its teacher's family")
-    given = (cfg.wrn_depth or teacher.depth, cfg.wrn_width or teacher.width)
-    if teacher.family.sized and given != (teacher.depth, teacher.width):
-        raise UserError(f"--wrn_depth/--wrn_width {given[0]}/{given[1]} do not match the "
-                        f"teacher checkpoint ({teacher.name}); for a student of another "
-                        "shape use --diff_shape --stu_depth D --stu_width W")
-    if not cfg.diff_shape:
-        return teacher
-    if not teacher.family.sized:
-        raise UserError("--diff_shape is for WRN students only")
-    return Network(teacher.arch, cfg.stu_depth, cfg.stu_width, teacher.num_classes)
 
 
 def make_optimizer(model, cfg):
@@ -568,7 +387,9 @@ def train_on(cfg: TrainConfig, rt: Runtime) -> TrainResult:
     if cfg.module:
         load_block_module(cfg.module)
     genotype_arg(cfg)   # a bad block name, or --moonshine with a genotype: before any work
-    if cfg.mode == "student" and cfg.student_checkpoint == cfg.teacher_checkpoint:
+    check_mode_flags(cfg)
+    if cfg.mode == "student" and not cfg.teacher_weights \
+            and cfg.student_checkpoint == cfg.teacher_checkpoint:
         raise UserError("-s and -t name the same checkpoint: the student would overwrite its "
                         "teacher; give the student another name")
     paths = RunPaths.of(cfg.checkpoint_dir, cfg.run_name())
@@ -584,22 +405,31 @@ def train_on(cfg: TrainConfig, rt: Runtime) -> TrainResult:
             run.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     fit(run, rt, cfg, paths)
     return TrainResult(paths.checkpoint, list(run.log), time.perf_counter() - t0,
-                       unwrap(run.model), teacher)
+                       unwrap(run.model), teacher.model if teacher else None)
 
 
 def set_up(cfg: TrainConfig, rt: Runtime, paths: RunPaths, ckpt: Optional[dict]):
-    """(Run, teacher or None, cfg with its precision): data, network (new, or the
-    checkpoint's), optimiser, schedule and loss, on the device, start-up lines printed."""
-    train_loader, val_loader, num_classes = make_loaders(
-        cfg, rt, lambda n: check_resume_classes(ckpt, n, cfg, paths.checkpoint))
-    teacher = load_teacher(cfg, num_classes) if cfg.mode == "student" else None
+    """(Run, Teacher or None, cfg with its image size and precision): teacher, data, network
+    (new, or the checkpoint's), optimiser, schedule and loss, on the device, start-up lines
+    printed."""
+    teacher = load_teacher(cfg) if cfg.mode == "student" else None
+    cfg = settle_data(cfg, teacher)
+
+    def check_classes(n):   # before any image is decoded
+        check_resume_classes(ckpt, n, cfg, paths.checkpoint)
+        if teacher is not None:
+            check_teacher_classes(teacher, n, cfg)
+    train_loader, val_loader, num_classes = make_loaders(cfg, rt, check_classes)
     torch.manual_seed(cfg.seed)   # same initial weights in every process and every rerun
-    model = (model_from_checkpoint(ckpt, paths.checkpoint) if ckpt
-             else new_model(cfg, num_classes, teacher))
+    if ckpt:
+        model = model_from_checkpoint(ckpt, paths.checkpoint)
+    else:
+        model = new_model(cfg, num_classes, teacher.model if teacher else None)
+        initial_weights(model, cfg, teacher, rt.print)
     rt.place(model, compile=True)
     optimizer = make_optimizer(model, cfg)
     run = Run(model, train_loader, val_loader, optimizer, make_scheduler(optimizer, cfg),
-              rt.grad_scaler(), make_student_loss_fn(teacher, cfg) if teacher else
+              rt.grad_scaler(), make_student_loss_fn(teacher.model, cfg) if teacher else
               teacher_loss_fn)
     if ckpt:
         run.resume(ckpt, cfg)
@@ -610,10 +440,32 @@ def set_up(cfg: TrainConfig, rt: Runtime, paths: RunPaths, ckpt: Optional[dict])
         rt.print(f"{torch.cuda.device_count()} GPUs visible, 1 used: launch with torchrun "
                  f"--nproc_per_node {torch.cuda.device_count()} main.py ... to use them all")
     if teacher is not None:
-        rt.place(teacher)
-        rt.print(f"teacher {cfg.teacher_checkpoint}: {describe(teacher)}, "
-                 f"val error {validate(teacher, val_loader, rt)[1]:.2f}%")
+        rt.place(teacher.model)
+        run.teacher_val_error = teacher_error(teacher, cfg, ckpt, val_loader, rt)
+        rt.print(f"teacher {teacher.label}: {describe(teacher.model)}, "
+                 f"val error {run.teacher_val_error:.2f}%")
     return run, teacher, cfg
+
+
+def settle_data(cfg: TrainConfig, teacher: Optional[Teacher]) -> TrainConfig:
+    """cfg with the family a student's data is made for (its teacher's) and the image size
+    settled: --image_size, else a teacher checkpoint's, else the data set's or family's
+    (loaders.DataSpec); recorded in the checkpoint, so a resumed run sees the same images."""
+    arch = cfg.arch or (Network.of(teacher.model).arch if teacher else None)
+    size = cfg.image_size or (teacher.args.get("image_size") if teacher else None)
+    return cfg.replace(arch=arch, image_size=DataSpec.of(cfg.dataset, size, arch).image_size)
+
+
+def teacher_error(teacher: Teacher, cfg: TrainConfig, ckpt: Optional[dict], val_loader,
+                  rt: Runtime) -> float:
+    """The teacher's validation error (%), computed once: a resumed student's checkpoint keeps
+    it, a teacher checkpoint validated on the same images records it (its last epoch's);
+    otherwise (a weights file, other images) one validation pass measures it."""
+    if ckpt and ckpt.get("teacher_val_error") is not None:
+        return float(ckpt["teacher_val_error"])
+    if teacher.val_error is not None and same_validation(teacher.args, cfg):
+        return teacher.val_error
+    return validate(teacher.model, val_loader, rt)[1]
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from blockswap.cli import number
+from blockswap.cli import at_least, number
 from blockswap.files import load_genotype, save_genotype  # noqa: F401 (the seed's API)
 from models.blocks import UserError, count_params, logits_of, residual_blocks
 
@@ -32,9 +32,11 @@ def budget_args() -> argparse.ArgumentParser:
     """--param_goal, --mac_goal and --tol as every script that samples takes them (a parent)."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("budget")
-    g.add_argument("--param_goal", default=None, type=int, help="parameter budget")
-    g.add_argument("--mac_goal", default=None, type=int, help="MAC budget (may join params)")
-    g.add_argument("--tol", default=0.025, type=fraction,
+    g.add_argument("--param_goal", default=Budget.param_goal, type=at_least(1),
+                   help="parameter budget")
+    g.add_argument("--mac_goal", default=Budget.mac_goal, type=at_least(1),
+                   help="MAC budget (may join params)")
+    g.add_argument("--tol", default=Budget.tol, type=fraction,
                    help="window half-width, a fraction between 0 and 1 (0.025: +-2.5%%)")
     return p
 
@@ -64,12 +66,16 @@ def scoring_mode(net: nn.Module, freeze: bool = False):
 
     BatchNorm in train mode with track_running_stats=False normalises by the batch (as a
     training step does) but leaves running_mean/var and num_batches_tracked untouched, so the
-    network leaves exactly as it came."""
+    network leaves exactly as it came. Dropout modules (MobileNetV2's classifier) are off: a
+    score is a function of the network and the batch, not of a dropout draw."""
     was_training = net.training
     flags = [(p, p.requires_grad) for p in net.parameters()] if freeze else []
     bns = [m for m in net.modules()
            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     net.train()
+    for m in net.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
     for p, _ in flags:
         p.requires_grad_(False)
     for m in bns:

@@ -5,7 +5,9 @@ payload) inline, as worker processes on this machine, or as a Slurm job array (s
 
 `fn` is a top-level (picklable) function `fn(payload) -> dict` whose result is JSON-
 serialisable. Every launcher runs the same wrapper (`run_job`) around it, which writes the
-result to `<log_dir>/<name>.result.json` (atomically) when the job ends. run_jobs first
+result to `<log_dir>/<name>.result.json` (atomically) when the job ends, with the torch
+threads and the device it ran with (`ran_on`: on a CPU the numbers depend on the thread
+count, and a rerun that would mix counts says so). run_jobs first
 collects the jobs whose result file exists and runs only the rest, so a run killed half-way
 and started again, with any launcher, trains only the unfinished jobs. The returned results
 are read back from those files, so they are the same numbers whichever launcher ran them.
@@ -64,10 +66,16 @@ class LaunchSettings:
     log_dir: str = "jobs"         # <name>.log, <name>.result.json, submitit/
     device: str = "cpu"           # device kind the jobs use: cpu, cuda or mps
     slurm_partition: Optional[str] = None
-    slurm_gpus_per_job: int = 0
+    slurm_gpus_per_job: Optional[int] = None   # GPUs per array task; None: 1 on cuda, else 0
     slurm_time: int = 120         # minutes per job before Slurm kills it (a rerun resumes)
     slurm_parallel: int = 0       # array tasks running at once; 0: submitit's default (256)
     slurm_mem: int = 0            # GB of memory per array task; 0: the cluster's default
+
+    def gpus_per_job(self) -> int:
+        """GPUs a Slurm array task asks for: --slurm_gpus_per_job, else one per CUDA job."""
+        if self.slurm_gpus_per_job is not None:
+            return self.slurm_gpus_per_job
+        return 1 if self.device == "cuda" else 0
 
 
 @dataclass(frozen=True)
@@ -93,30 +101,35 @@ class JobsFailed(UserError):
 # Command line
 # --------------------------------------------------------------------------------------------
 
+# The flag of each LaunchSettings field whose flag is not its own name.
+LAUNCH_FLAGS = {"threads": "threads_per_job"}
+
+
 def launcher_args() -> argparse.ArgumentParser:
     """--launcher, --jobs, --jobs_per_device, --threads_per_job and the --slurm_* flags (a
-    parent parser); launch_settings() turns them into a LaunchSettings."""
+    parent parser; each default is LaunchSettings'); launch_settings() turns them into one."""
+    D = LaunchSettings()
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("launcher (where the trainings run; docs/scale.md)")
-    g.add_argument("--launcher", default="inline", choices=LAUNCHERS,
+    g.add_argument("--launcher", default=D.launcher, choices=LAUNCHERS,
                    help="inline: one after another here; local: --jobs worker processes; "
                         "slurm: a submitit job array (submitit's local executor without Slurm)")
-    g.add_argument("--jobs", default=0, type=at_least(0),
+    g.add_argument("--jobs", default=D.jobs, type=at_least(0),
                    help="local: workers at once (0: visible GPUs x --jobs_per_device, on a "
                         "CPU one per core)")
-    g.add_argument("--jobs_per_device", default=1, type=at_least(1),
+    g.add_argument("--jobs_per_device", default=D.jobs_per_device, type=at_least(1),
                    help="local on CUDA: workers per GPU, for networks too small to fill one")
-    g.add_argument("--threads_per_job", default=0, type=at_least(0),
+    g.add_argument("--threads_per_job", default=D.threads, type=at_least(0),
                    help="torch threads per job (0: cores // --jobs; slurm: the task's cores)")
-    g.add_argument("--slurm_partition", default=None,
+    g.add_argument("--slurm_partition", default=D.slurm_partition,
                    help="slurm: partition (None: the cluster's own)")
-    g.add_argument("--slurm_gpus_per_job", default=None, type=at_least(0),
+    g.add_argument("--slurm_gpus_per_job", default=D.slurm_gpus_per_job, type=at_least(0),
                    help="slurm: GPUs per array task (default: 1 with --device cuda, else 0)")
-    g.add_argument("--slurm_time", default=120, type=at_least(1),
+    g.add_argument("--slurm_time", default=D.slurm_time, type=at_least(1),
                    help="slurm: minutes per job before Slurm kills it (a rerun finishes it)")
-    g.add_argument("--slurm_parallel", default=0, type=at_least(0),
+    g.add_argument("--slurm_parallel", default=D.slurm_parallel, type=at_least(0),
                    help="slurm: array tasks running at once (0: submitit's limit, 256)")
-    g.add_argument("--slurm_mem", default=0, type=at_least(0),
+    g.add_argument("--slurm_mem", default=D.slurm_mem, type=at_least(0),
                    help="slurm: GB of memory per array task (0: the cluster's default; the "
                         "decoded data set and the network must fit)")
     return p
@@ -126,14 +139,63 @@ def launch_settings(args, log_dir: str, device: str) -> LaunchSettings:
     """The LaunchSettings of parsed launcher_args() flags; `device` is the script's resolved
     device (cuda:1 counts as cuda: the local launcher hands each worker its own GPU)."""
     kind = torch.device(device).type
-    gpus = args.slurm_gpus_per_job
-    return LaunchSettings(
-        launcher=args.launcher, jobs=args.jobs, jobs_per_device=args.jobs_per_device,
-        threads=args.threads_per_job, log_dir=log_dir, device=kind,
-        slurm_partition=args.slurm_partition,
-        slurm_gpus_per_job=(1 if kind == "cuda" else 0) if gpus is None else gpus,
-        slurm_time=args.slurm_time, slurm_parallel=args.slurm_parallel,
-        slurm_mem=args.slurm_mem)
+    for note in launch_notes(args, kind):
+        print(note, flush=True)
+    values = {f.name: getattr(args, LAUNCH_FLAGS.get(f.name, f.name))
+              for f in dataclasses.fields(LaunchSettings) if f.name not in ("log_dir", "device")}
+    return LaunchSettings(log_dir=log_dir, device=kind, **values)
+
+
+def launch_notes(args, kind: str) -> List[str]:
+    """One line for each launcher flag given that this launch ignores (`kind`: the device)."""
+    notes = []
+    if args.jobs_per_device != 1 and not (kind == "cuda" and args.launcher == "local"):
+        notes.append(f"note: --jobs_per_device {args.jobs_per_device} applies to GPUs only "
+                     f"(--launcher local --device cuda); ignored here (--launcher "
+                     f"{args.launcher}, device {kind}): --jobs sets the local workers")
+    if args.jobs and args.launcher == "inline":
+        notes.append(f"note: --jobs {args.jobs} applies to --launcher local (and slurm's "
+                     "waves without Slurm); --launcher inline runs one job at a time")
+    return notes
+
+
+def planned_threads(s: LaunchSettings) -> Optional[int]:
+    """The torch threads each job of `s` runs with on a CPU (None: not known before it runs,
+    a Slurm task's cores)."""
+    if s.launcher == "inline":
+        return s.threads or torch.get_num_threads()
+    if s.launcher == "local":
+        cores = len(os.sched_getaffinity(0))
+        return s.threads or max(1, cores // (s.jobs or cores))   # worker_slots' rule
+    return s.threads or None
+
+
+def mixing_note(done: Sequence[dict], s: LaunchSettings, todo: int) -> Optional[str]:
+    """One line when the finished jobs' result files say they ran on another device, or on a
+    CPU with other torch threads, than the `todo` others will: on a CPU the numbers depend on
+    the thread count, so one study or re-rank would mix them."""
+    ran = [r["ran_on"] for r in done if "ran_on" in r]
+    where = f"{len(ran)} finished jobs in {s.log_dir}"
+    devices = sorted({r["device"] for r in ran} - {s.device})
+    if devices:
+        return (f"note: {where} ran on {', '.join(devices)}, the other {todo} run on "
+                f"{s.device}: this run mixes numbers from two devices")
+    threads = planned_threads(s)
+    other = sorted({r["threads"] for r in ran} - {threads})
+    if s.device != "cpu" or threads is None or not other:
+        return None
+    return (f"note: {where} ran with {'/'.join(map(str, other))} torch thread(s), the other "
+            f"{todo} run with {threads}: on a CPU the numbers depend on the thread count, so "
+            f"this run mixes them (--threads_per_job {other[0]} matches them)")
+
+
+def crowding_note(s: LaunchSettings, workers: int, cores: int) -> Optional[str]:
+    """One line when more CPU workers run at once than there are cores."""
+    if s.device == "cuda" or workers <= cores:
+        return None
+    return (f"note: --jobs {s.jobs}: {workers} worker processes at once on {cores} cores; each "
+            f"holds its own copy of the training data (CIFAR-10 decoded: 150 MB, "
+            f"{0.15 * workers:.1f} GB for {workers}) and they share the cores")
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,9 +218,10 @@ def _plain(payload) -> Any:
     return json.loads(json.dumps(payload, sort_keys=True, default=repr))
 
 
-def load_result(log_dir: str, job: Job) -> Optional[dict]:
-    """The finished result of `job`, or None when it has not finished. A result file written
-    for another payload (settings changed, same folder) is a UserError, never reused."""
+def load_record(log_dir: str, job: Job) -> Optional[dict]:
+    """The result file of `job` ({"name", "payload", "result", "ran_on"}), or None when it
+    has not finished. A result file written for another payload (settings changed, same
+    folder) is a UserError, never reused."""
     path = result_path(log_dir, job.name)
     if not os.path.exists(path):
         return None
@@ -167,16 +230,33 @@ def load_result(log_dir: str, job: Job) -> Optional[dict]:
     if record.get("payload") != _plain(job.payload):
         raise UserError(f"{path} holds job {job.name}'s result for other settings; pass "
                         f"another output folder, or delete the file to train it again")
-    return record["result"]
+    return record
 
 
-def run_job(fn: Callable, job: Job, log_dir: str, threads: int = 0) -> dict:
+def load_result(log_dir: str, job: Job) -> Optional[dict]:
+    """The finished result of `job`, or None (load_record's rules)."""
+    record = load_record(log_dir, job)
+    return None if record is None else record["result"]
+
+
+def ran_on(device: str) -> dict:
+    """Where a job ran: torch's threads now and the device kind (with the GPU's name when
+    this process has used CUDA)."""
+    where = {"threads": torch.get_num_threads(), "device": device}
+    if device == "cuda" and torch.cuda.is_initialized():
+        where["gpu"] = torch.cuda.get_device_name()
+    return where
+
+
+def run_job(fn: Callable, job: Job, log_dir: str, threads: int = 0, device: str = "cpu") -> dict:
     """Run fn(job.payload) here and write its result file: the wrapper every launcher runs
-    (in this process, in a worker, in a Slurm task). threads > 0 pins torch's threads."""
+    (in this process, in a worker, in a Slurm task). threads > 0 pins torch's threads;
+    `device`: the kind the job runs on (LaunchSettings.device), recorded with the threads."""
     if threads > 0:
         torch.set_num_threads(threads)
     result = fn(job.payload)
-    record = {"name": job.name, "payload": _plain(job.payload), "result": result}
+    record = {"name": job.name, "payload": _plain(job.payload), "result": result,
+              "ran_on": ran_on(device)}
     text = json.dumps(record, indent=1)   # a result that is not JSON data fails the job here
     atomic_write(result_path(log_dir, job.name), lambda f: f.write(text.encode()))
     return json.loads(text)["result"]
@@ -210,23 +290,23 @@ def _header(job: Job, threads: int) -> str:
             f"{', CUDA_VISIBLE_DEVICES=' + gpu if gpu is not None else ''}")
 
 
-def _announced(fn: Callable, job: Job, log_dir: str, threads: int) -> dict:
+def _announced(fn: Callable, job: Job, log_dir: str, threads: int, device: str) -> dict:
     """run_job between a header line and a done line (a worker's or a Slurm task's log)."""
     print(_header(job, threads), flush=True)
-    result = run_job(fn, job, log_dir, threads)
+    result = run_job(fn, job, log_dir, threads, device)
     print(f"== job {job.name}: done {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
     return result
 
 
-def _logged_job(fn: Callable, job: Job, log_dir: str, threads: int) -> dict:
+def _logged_job(fn: Callable, job: Job, log_dir: str, threads: int, device: str) -> dict:
     """run_job with the job's output appended to <log_dir>/<name>.log (slurm)."""
     with _output_to(log_path(log_dir, job.name)):
-        return _announced(fn, job, log_dir, threads)
+        return _announced(fn, job, log_dir, threads, device)
 
 
-def _slurm_task(fn: Callable, job: Job, log_dir: str, threads: int) -> dict:
+def _slurm_task(fn: Callable, job: Job, log_dir: str, threads: int, device: str) -> dict:
     """A Slurm array task: threads default to the cores Slurm gave it (its CPU affinity)."""
-    return _logged_job(fn, job, log_dir, threads or len(os.sched_getaffinity(0)))
+    return _logged_job(fn, job, log_dir, threads or len(os.sched_getaffinity(0)), device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,14 +377,18 @@ def run_jobs(fn: Callable, jobs: Sequence[Job], launcher: LaunchSettings,
     _check_jobs(fn, jobs)
     os.makedirs(launcher.log_dir, exist_ok=True)
     collect = _Collector(launcher.log_dir, on_result)
-    found = {j.name: load_result(launcher.log_dir, j) for j in jobs}
-    todo = [j for j in jobs if found[j.name] is None]
-    if len(todo) < len(jobs) and progress:
-        print(f"jobs: {len(jobs) - len(todo)} of {len(jobs)} already finished in "
+    records = {j.name: load_record(launcher.log_dir, j) for j in jobs}
+    todo = [j for j in jobs if records[j.name] is None]
+    done = [r for r in records.values() if r is not None]
+    if done and todo and progress:
+        print(f"jobs: {len(done)} of {len(jobs)} already finished in "
               f"{launcher.log_dir}; running the other {len(todo)}", flush=True)
+        note = mixing_note(done, launcher, len(todo))
+        if note:
+            print(note, flush=True)
     for job in jobs:
-        if found[job.name] is not None:
-            collect.take(job.name, found[job.name])
+        if records[job.name] is not None:
+            collect.take(job.name, records[job.name]["result"])
     run = {"inline": _run_inline, "local": _run_local, "slurm": _run_slurm}[launcher.launcher]
     if todo:
         run(fn, todo, launcher, progress, collect)
@@ -334,7 +418,7 @@ def _run_inline(fn, todo, s: LaunchSettings, progress: bool, collect: _Collector
             if progress:
                 print(f"== job {i + 1}/{len(todo)}: {job.name}", flush=True)
             try:
-                result = run_job(fn, job, s.log_dir)
+                result = run_job(fn, job, s.log_dir, device=s.device)
             except Exception as e:
                 traceback.print_exc()
                 collect.failed(job, None, f"{type(e).__name__}: {e}")
@@ -404,7 +488,8 @@ def _watch_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _worker(blob: bytes, log_dir: str, name: str, threads: int, parent: int) -> None:
+def _worker(blob: bytes, log_dir: str, name: str, threads: int, parent: int,
+            device: str) -> None:
     """A local worker process: output to its log, SIGTERM as KeyboardInterrupt (so `finally`
     blocks and DataLoader workers clean up), then the wrapped job; any failure is a traceback
     in the log and exit status 1."""
@@ -413,7 +498,7 @@ def _worker(blob: bytes, log_dir: str, name: str, threads: int, parent: int) -> 
     with _output_to(log_path(log_dir, name)):
         try:
             fn, job = pickle.loads(blob)   # imports fn's module: after the log is open
-            _announced(fn, job, log_dir, threads)   # threads >= 1: run_job pins them
+            _announced(fn, job, log_dir, threads, device)   # threads >= 1: run_job pins them
         except BaseException:
             traceback.print_exc()
             sys.stderr.flush()
@@ -451,7 +536,12 @@ def _sigterm_as_interrupt():
 
 def _run_local(fn, todo, s: LaunchSettings, progress: bool, collect: _Collector) -> None:
     """A fresh spawned process per job, at most one per slot at a time."""
-    envs, threads = worker_slots(s, len(os.sched_getaffinity(0)), _visible_gpus())
+    cores = len(os.sched_getaffinity(0))
+    envs, threads = worker_slots(s, cores, _visible_gpus())
+    envs = envs[:len(todo)]   # never more workers than jobs (their threads stay as planned)
+    note = crowding_note(s, len(envs), cores)
+    if note and progress:
+        print(note, flush=True)
     ctx, queue, free = multiprocessing.get_context("spawn"), list(todo), list(range(len(envs)))
     running = {}
     bar = progress_bar(total=len(todo), desc=f"jobs ({len(envs)} workers)", unit="job",
@@ -462,7 +552,8 @@ def _run_local(fn, todo, s: LaunchSettings, progress: bool, collect: _Collector)
                 while queue and free:
                     slot, job = free.pop(0), queue.pop(0)
                     p = ctx.Process(target=_worker, name=f"job-{job.name}", args=(
-                        pickle.dumps((fn, job)), s.log_dir, job.name, threads, os.getpid()))
+                        pickle.dumps((fn, job)), s.log_dir, job.name, threads, os.getpid(),
+                        s.device))
                     with _environment(envs[slot]):
                         p.start()
                     running[p.sentinel] = (p, job, slot)
@@ -488,7 +579,7 @@ def _executor(s: LaunchSettings):
     the job array's resources (cpus_per_task = --threads_per_job when set)."""
     import submitit   # only the slurm launcher needs it
     ex = submitit.AutoExecutor(folder=os.path.join(s.log_dir, "submitit"))
-    params = dict(timeout_min=s.slurm_time, gpus_per_node=s.slurm_gpus_per_job,
+    params = dict(timeout_min=s.slurm_time, gpus_per_node=s.gpus_per_job(),
                   tasks_per_node=1, nodes=1, name="blockswap")
     if s.threads:
         params["cpus_per_task"] = s.threads
@@ -530,7 +621,7 @@ def _run_slurm(fn, todo, s: LaunchSettings, progress: bool, collect: _Collector)
             # must not pass its own SLURM_* allocation on to the array
             with _environment({"PYTHONPATH": _import_path()}), submitit.helpers.clean_env():
                 submitted = ex.map_array(_slurm_task, [fn] * n, wave, [s.log_dir] * n,
-                                         [s.threads] * n)
+                                         [s.threads] * n, [s.device] * n)
             by_id = {id(j): job for j, job in zip(submitted, wave)}
             for j in submitit.helpers.as_completed(submitted, poll_frequency=poll):
                 try:

@@ -32,10 +32,10 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from blockswap.cli import progress as progress_bar
+from blockswap.cli import at_least, progress as progress_bar
 from blockswap.files import atomic_write
 from models.archs import Network
-from models.blocks import SEARCH_SPACE, BlockSlot, UserError, get_block_type, make_block
+from models.blocks import BlockSlot, UserError, build_block, get_block_type
 
 WARMUP, REPEATS = 5, 25   # per timed module; the median of REPEATS after WARMUP calls
 # Each item (block, fixed part, network) is timed in PASSES separate passes over all items and
@@ -264,11 +264,11 @@ def _prepared(prepare: Callable) -> Callable:
 
 
 # --------------------------------------------------------------------------------------------
-# Network families (models.archs): block slots, and the fixed parts around the blocks
+# A network as latency times it (models.archs): block slots, and the fixed parts around them
 # --------------------------------------------------------------------------------------------
 
 @dataclass
-class Family:
+class TimedNetwork:
     """A registered network as latency sees it: its block slots, and its fixed parts (stem,
     head: the network's own modules) as name -> (input shape without batch, module)."""
     label: str                  # names the cache file: 'wrn40-2-c10', 'resnet34-c1000'
@@ -278,15 +278,15 @@ class Family:
     build: Callable             # build(genotype) -> network
 
 
-def family_of(net: Network) -> Family:
+def timed_network(net: Network) -> TimedNetwork:
     """The latency view of a registered network (models.archs.Network)."""
-    model = net.build("Conv")
+    model = net.build()
     slots = net.slots()
     last = slots[-1]
     label = (f"wrn{net.depth}-{net.width}" if net.family.sized else net.arch) + \
         f"-c{net.classes}"
     stem, head = model.fixed_parts()
-    return Family(label, slots, net.image_size,
+    return TimedNetwork(label, slots, net.image_size,
                   {"stem": ((3, net.image_size, net.image_size), stem),
                    "head": ((last.out_planes, last.out_size, last.out_size), head)},
                   net.build)
@@ -377,11 +377,11 @@ def _block_shape(slot: BlockSlot):
 
 
 def _prepare_block(name: str, slot: BlockSlot, timing: Timing) -> Callable:
-    block = make_block(name, slot.in_planes, slot.out_planes, slot.stride)
+    block = build_block(name, slot)
     return timing.prepare(block, _block_shape(slot))
 
 
-def calibrate(table: LatencyTable, family: Family, timing: Timing, n: int,
+def calibrate(table: LatencyTable, family: TimedNetwork, timing: Timing, n: int,
               seed: int = 0) -> float:
     """measured / summed latency, the median over n uniformly random whole networks.
 
@@ -402,7 +402,7 @@ def calibrate(table: LatencyTable, family: Family, timing: Timing, n: int,
 CALL_PART = "call"   # the fixed part that counts a runtime's per-call cost once
 
 
-def _without_call_cost(family: Family, timing: Timing, fixed, per_slot):
+def _without_call_cost(family: TimedNetwork, timing: Timing, fixed, per_slot):
     """(fixed parts, per-slot ms) with the runtime's per-call cost (LatencyRuntime.call_cost)
     taken off each item, timed on the item's own input shape, and counted once for the whole
     network (on its input image) as the fixed part CALL_PART. Unchanged for eager torch."""
@@ -417,7 +417,7 @@ def _without_call_cost(family: Family, timing: Timing, fixed, per_slot):
     return fixed + [(CALL_PART, cost(image))], per_slot
 
 
-def measure_table(family: Family, names: Sequence[str], timing: Timing, show: bool = True,
+def measure_table(family: TimedNetwork, names: Sequence[str], timing: Timing, show: bool = True,
                   calibration: int = CALIBRATION) -> LatencyTable:
     """Time every block type at every distinct slot, and the fixed parts; then fit the
     table's scale on `calibration` whole networks (0: plain summation)."""
@@ -445,7 +445,7 @@ def measure_table(family: Family, names: Sequence[str], timing: Timing, show: bo
     return LatencyTable(table.key, names, ms, fixed, scale)
 
 
-def table_key(family: Family, timing: Timing, n_threads: int) -> TableKey:
+def table_key(family: TimedNetwork, timing: Timing, n_threads: int) -> TableKey:
     return TableKey(family.label, device_name(timing.device), torch.__version__, n_threads,
                     timing.batch, timing.clock, RUNTIMES[timing.runtime].version())
 
@@ -474,7 +474,7 @@ def read_table(path: str, key: TableKey, names: Sequence[str],
         return None   # not one of ours, or torn: measure afresh
 
 
-def load_or_measure(family: Family, names: Sequence[str], timing: Timing,
+def load_or_measure(family: TimedNetwork, names: Sequence[str], timing: Timing,
                     cache_dir: str = "results/latency", show: bool = True,
                     calibration: int = CALIBRATION) -> LatencyTable:
     """The cached table for (family, device, torch, threads, batch, clock, runtime), measured
@@ -517,17 +517,19 @@ def parse_table_device(name: Optional[str], default: str) -> torch.device:
 
 
 def add_latency_args(p: argparse.ArgumentParser) -> None:
-    """How latency is timed: the flags count_ops.py and fisher_rank.py share."""
+    """How latency is timed: the flags count_ops.py and fisher_rank.py share (defaults:
+    Timing's)."""
     g = p.add_argument_group("latency")
     g.add_argument("--latency_device", default=None,
                    help="device whose latency table prices candidates (default: --device, "
                         "or cpu in count_ops.py)")
-    g.add_argument("--latency_batch", default=1, type=int, help="batch size the latency is for")
-    g.add_argument("--threads", default=None, type=int,
+    g.add_argument("--latency_batch", default=Timing.batch, type=at_least(1),
+                   help="batch size the latency is for")
+    g.add_argument("--threads", default=Timing.threads, type=at_least(1),
                    help="torch threads while timing latency (default: torch's own count)")
-    g.add_argument("--latency_clock", default="wall", choices=list(CLOCKS),
+    g.add_argument("--latency_clock", default=Timing.clock, choices=list(CLOCKS),
                    help="time latency by the wall, or by CPU time (steadier on a shared CPU)")
-    g.add_argument("--latency_runtime", default="torch", choices=list(RUNTIMES),
+    g.add_argument("--latency_runtime", default=Timing.runtime, choices=list(RUNTIMES),
                    help="what runs the timed blocks: eager torch, or each block exported to "
                         "ONNX and run in onnxruntime (on the CPU; see docs/export.md)")
 
@@ -536,9 +538,6 @@ def timing_from_args(args, default_device: str = "cpu") -> Timing:
     """The Timing that --latency_device/--latency_batch/--threads/--latency_clock/
     --latency_runtime ask for. onnxruntime tables are timed on the CPU unless told otherwise
     (the search device, a GPU, is no default for them)."""
-    for name in ("latency_batch", "threads"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.latency_runtime != "torch":
         default_device = "cpu"
     return Timing(parse_table_device(args.latency_device, default_device), args.latency_batch,
@@ -550,9 +549,8 @@ def print_latency(args, net: Network, model: nn.Module, cache_dir: str) -> Dict[
     (the same batch, threads, clock and device; the fastest of agreeing passes, as every item
     of the table), the table measured first if not cached."""
     timing = timing_from_args(args)
-    names = list(SEARCH_SPACE) + [n for n in dict.fromkeys(model.genotype)
-                                  if n not in SEARCH_SPACE]
-    family = family_of(net)
+    names = list(net.space) + [n for n in dict.fromkeys(model.genotype) if n not in net.space]
+    family = timed_network(net)
     table = load_or_measure(family, names, timing, cache_dir)
     predicted = table.predict(model.genotype)
     # timed as the table's items are: the fastest of passes that agree (slow spells only add)

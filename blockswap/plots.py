@@ -81,7 +81,7 @@ def log_minor(fmt=lambda v: f"{v:g}"):
     return FuncFormatter(label)
 
 
-def read_table(table, what: str, required: Sequence[str]) -> pd.DataFrame:
+def read_frame(table, what: str, required: Sequence[str]) -> pd.DataFrame:
     """A dataframe, or a CSV path, that must have the `required` columns."""
     if isinstance(table, pd.DataFrame):
         df = table.copy()
@@ -113,7 +113,7 @@ def auto_log(ax, values, axis: str):
 # The search: score against parameters and MACs
 # --------------------------------------------------------------------------------------------
 
-def search_settings(results) -> dict:
+def settings_beside(results) -> dict:
     """The settings fisher_rank.py wrote beside a results CSV (<stem>.json), or {}."""
     path = os.path.splitext(results)[0] + ".json" if isinstance(results, str) else None
     if not path or not os.path.isfile(path):
@@ -154,10 +154,10 @@ def plot_search(results, out_png: str, score: Optional[str] = None,
     scoring (file) order: the running best joined up, the final best starred, the budget
     window shaded. goals: {'param_goal', 'mac_goal', 'latency_goal', 'tol'}, by default from
     the search's settings beside `results`; given ones replace those."""
-    settings = search_settings(results)
+    settings = settings_beside(results)
     goals = {**{k: settings.get(k) for k in GOALS}, **{k: v for k, v in (goals or {}).items()
                                                          if v is not None}}
-    df = read_table(results, "search results", ["params"])
+    df = read_frame(results, "search results", ["params"])
     col = score_column(df, score, settings)
     df = df[np.isfinite(pd.to_numeric(df[col], errors="coerce"))].reset_index(drop=True)
     if df.empty:
@@ -399,7 +399,7 @@ def plot_sweep(table, out_png: str) -> str:
     """Final error against parameters (log x), one labelled marker per run, a marker style per
     method (e.g. blockswap vs moonshine) and a line along each method's Pareto front (the best
     error at or under each size), as the paper's error-vs-params figure."""
-    df = read_table(table, "sweep table", ["name", "params", "error"])
+    df = read_frame(table, "sweep table", ["name", "params", "error"])
     df = df.assign(method=df["method"].astype(str) if "method" in df else "run")
     df = df.sort_values("params").reset_index(drop=True)
     fig, (ax,) = new_figure(1, panel=(9.0, 6.0))
@@ -443,7 +443,7 @@ def study_proxies(df: pd.DataFrame, error: str) -> list:
 def plot_study(df, out_png: str, error: str = "val_error", proxies=None) -> str:
     """One panel per proxy: score vs trained error, Spearman rho in the title (a good proxy is
     strongly negative: higher score, lower error)."""
-    df = read_table(df, "study table", [error])
+    df = read_frame(df, "study table", [error])
     names = list(proxies) if proxies else study_proxies(df, error)
     missing = [p for p in names if p not in df.columns]
     if not names or missing:

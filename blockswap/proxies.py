@@ -138,6 +138,17 @@ def synflow(net, inputs, targets) -> float:
 _RELUS = {F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
 
 
+def is_relu(func, args, kwargs) -> bool:
+    """A ReLU call, or a ReLU6 one (nn.ReLU6, MobileNetV2's, calls F.hardtanh(x, 0, 6)): the
+    same on/off pattern, which is all NASWOT and SWAP read."""
+    if func in _RELUS:
+        return True
+    if func is F.hardtanh or func is F.relu6:
+        low = args[1] if len(args) > 1 else (kwargs or {}).get("min_val", -1.0)
+        return func is F.relu6 or low == 0
+    return False
+
+
 class ReluKernel(TorchFunctionMode):
     """Accumulates NASWOT's kernel over every ReLU evaluated while the mode is active.
 
@@ -155,7 +166,7 @@ class ReluKernel(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func in _RELUS:
+        if is_relu(func, args, kwargs):
             self.add(out)
         return out
 
@@ -306,7 +317,7 @@ class ReluCodes(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func in _RELUS and out.dim() == 4:
+        if is_relu(func, args, kwargs) and out.dim() == 4:
             self.codes.append(pack_columns(out.detach().flatten(1) > 0))
         return out
 

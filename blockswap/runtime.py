@@ -21,11 +21,15 @@ from torch.nn.parallel import DistributedDataParallel
 from models.blocks import UserError
 
 
+DEVICE = "auto"   # --device: cuda, else mps, else cpu (pick_device)
+AMP = "auto"      # --amp: bf16 on CUDA where supported, else fp16; CPU bf16 where native
+
+
 def device_args() -> argparse.ArgumentParser:
     """--device as every script takes it (an argparse parent)."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument_group("hardware").add_argument(
-        "--device", default="auto",
+        "--device", default=DEVICE,
         help="cpu, cuda, cuda:1 or mps (auto: cuda, else mps, else cpu)")
     return p
 

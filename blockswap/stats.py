@@ -98,3 +98,61 @@ def top_hit_rate(score, error, frac=0.1, n_boot=1000, seed=0) -> float:
     rng = np.random.default_rng(seed)
     draws = (np.unique(rng.integers(0, len(score), len(score))) for _ in range(n_boot))
     return float(np.mean([top_hit(score[i], error[i], frac) for i in draws]))
+
+
+# --------------------------------------------------------------------------------------------
+# The F distribution (variance.py's exact interval), on math alone: the library needs no scipy.
+# --------------------------------------------------------------------------------------------
+
+def _beta_fraction(a: float, b: float, x: float) -> float:
+    """The continued fraction of the incomplete beta function (modified Lentz; Numerical
+    Recipes, betacf), which converges fast for x < (a + 1) / (a + b + 2)."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 10_000):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),              # even step
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):  # odd step
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def regularized_beta(a: float, b: float, x: float) -> float:
+    """I_x(a, b), the regularized incomplete beta function (the beta distribution's CDF)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                 + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _beta_fraction(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _beta_fraction(b, a, 1.0 - x) / b   # I_x(a,b) = 1 - I_1-x(b,a)
+
+
+def f_cdf(value: float, d1: float, d2: float) -> float:
+    """P(F <= value) for F with (d1, d2) degrees of freedom."""
+    if value <= 0.0:
+        return 0.0
+    return regularized_beta(d1 / 2.0, d2 / 2.0, d1 * value / (d1 * value + d2))
+
+
+def f_quantile(q: float, d1: float, d2: float) -> float:
+    """The q-quantile of F(d1, d2) (scipy.stats.f.ppf), by bisection on the beta variable
+    x = d1 F / (d1 F + d2) in (0, 1), where the CDF is I_x(d1/2, d2/2)."""
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"f_quantile: q must be in (0, 1), got {q}")
+    lo, hi = 0.0, 1.0
+    for _ in range(200):   # to the last bit of a double
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        lo, hi = (mid, hi) if regularized_beta(d1 / 2.0, d2 / 2.0, mid) < q else (lo, mid)
+    x = 0.5 * (lo + hi)
+    return d2 * x / (d1 * (1.0 - x))

@@ -11,12 +11,15 @@ one `register_arch` call; `--arch` offers every registered name.
 """
 import argparse
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch.nn as nn
 
-from models.blocks import BlockSlot, UserError
+from models.blocks import (MB_EXPANSIONS, MB_KERNELS, SEARCH_SPACE, BlockSlot, UserError,
+                           load_block_module, torchvision_part)
 from models.resnet import LAYERS, ResNet, resnet_slots
+from models.tv_layout import (MBV2_PLAIN, RESNET_TAPS, mobilenet_v2_slots, mobilenet_v2_taps,
+                              resnet_slots as tv_resnet_slots)
 from models.wide_resnet import WideResNet, wrn_block_count, wrn_slots
 
 WRN_DEPTH, WRN_WIDTH = 40, 2      # the default WRN: the paper's CIFAR teacher
@@ -38,6 +41,13 @@ class Family:
     is_member: Callable[[nn.Module], bool]
     datasets: Tuple[str, ...] = ()     # data sets whose default family this is
     sized: bool = False
+    # Module names (as model.named_modules() gives them) whose outputs are the stage outputs
+    # attention transfer matches between teacher and student (taken with forward hooks).
+    taps: Tuple[str, ...] = ()
+    # The block types a search samples from by default (CostTable.for_network, fisher_rank.py).
+    space: Tuple[str, ...] = SEARCH_SPACE
+    # The unmodified network's genotype (Network.build()): one name for every block, or a list.
+    plain: Union[str, Tuple[str, ...]] = "Conv"
 
 
 def _resnet(name: str, datasets=()) -> Family:
@@ -45,16 +55,44 @@ def _resnet(name: str, datasets=()) -> Family:
     return Family(lambda convs, classes, depth, width: ResNet(layers, convs, classes),
                   lambda depth, width, size: resnet_slots(layers, size), 224, 1000,
                   lambda m: isinstance(m, ResNet) and tuple(m.layers) == tuple(layers),
-                  datasets)
+                  datasets, taps=tuple(f"block{g + 1}.0" for g in range(len(layers))))
 
 
 ARCHS: Dict[str, Family] = {
     "wrn": Family(lambda convs, classes, depth, width: WideResNet(depth, width, convs, classes),
                   wrn_slots, 32, 10, lambda m: isinstance(m, WideResNet), ("cifar10", "cifar100"),
-                  sized=True),
+                  sized=True, taps=("block1.0", "block2.0", "block3.0")),
     "resnet18": _resnet("resnet18"),
     "resnet34": _resnet("resnet34", ("imagenet",)),
 }
+
+
+def _made_by(arch: str) -> Callable[[nn.Module], bool]:
+    """is_member of a torchvision-layout family: its networks carry their family's name."""
+    return lambda m: getattr(m, "arch", None) == arch and hasattr(m, "genotype")
+
+
+def _tv_resnet(arch: str) -> Family:
+    """torchvision's ResNet (models/torchvision_nets.py, imported when first built): each
+    3x3 takes a BlockSwap type (docs/blocks.md)."""
+    build = torchvision_part("TVResNet")
+    return Family(lambda convs, classes, depth, width: build(arch, convs, classes),
+                  lambda depth, width, size: tv_resnet_slots(arch, size), 224, 1000,
+                  _made_by(arch), taps=RESNET_TAPS)
+
+
+# MobileNetV2's space: every inverted residual picks expansion 1/3/6 and kernel 3/5/7.
+MBCONV_SPACE = tuple(f"MB{e}K{k}" for e in MB_EXPANSIONS for k in MB_KERNELS)
+_mbv2 = torchvision_part("TVMobileNetV2")
+ARCHS.update({
+    "tv_resnet18": _tv_resnet("tv_resnet18"),
+    "tv_resnet34": _tv_resnet("tv_resnet34"),
+    "resnet50": _tv_resnet("resnet50"),
+    "mobilenet_v2": Family(lambda convs, classes, depth, width: _mbv2(convs, classes),
+                           lambda depth, width, size: mobilenet_v2_slots(size), 224, 1000,
+                           _made_by("mobilenet_v2"), taps=mobilenet_v2_taps(),
+                           space=MBCONV_SPACE, plain=MBV2_PLAIN),
+})
 
 
 def register_arch(name: str, family: Family) -> None:
@@ -101,12 +139,26 @@ class Network:
         """'WRN-40-2' or the family name."""
         return f"WRN-{self.depth}-{self.width}" if self.family.sized else self.arch
 
-    def build(self, convs="Conv") -> nn.Module:
-        """The network with `convs` (a genotype, or one block name for a uniform network)."""
+    @property
+    def space(self) -> Tuple[str, ...]:
+        """The family's default search space (block names)."""
+        return self.family.space
+
+    def build(self, convs=None) -> nn.Module:
+        """The network with `convs` (a genotype, or one block name for a uniform network);
+        None: the unmodified network (the family's `plain` genotype)."""
+        plain = self.family.plain
+        if convs is None:
+            convs = plain if isinstance(plain, str) else list(plain)
         return self.family.build(convs, self.classes, self.depth, self.width)
 
     def slots(self) -> List[BlockSlot]:
         return self.family.slots(self.depth, self.width, self.image_size)
+
+    @property
+    def taps(self) -> Tuple[str, ...]:
+        """Module names whose outputs are the stage outputs (attention-transfer points)."""
+        return self.family.taps
 
     @classmethod
     def of(cls, model: nn.Module) -> "Network":
@@ -122,12 +174,23 @@ class Network:
 
     @classmethod
     def from_args(cls, args, num_classes: Optional[int] = None) -> "Network":
-        """The network that --arch/--wrn_depth/--wrn_width name (see network_args)."""
-        arch = getattr(args, "arch", None) or default_arch(getattr(args, "dataset", ""))
+        """The network that --arch/--wrn_depth/--wrn_width name (see network_args). --module
+        is loaded first: its file may register the family --arch names."""
+        if getattr(args, "module", None):
+            load_block_module(args.module)
+        return cls.named(getattr(args, "arch", None), getattr(args, "dataset", ""),
+                         args.wrn_depth, args.wrn_width, num_classes)
+
+    @classmethod
+    def named(cls, arch: Optional[str], dataset: str, depth: Optional[int] = None,
+              width: Optional[int] = None, num_classes: Optional[int] = None) -> "Network":
+        """The network of family `arch` (None: `dataset`'s default) and, for WRN, depth and
+        width (None: WRN-40-2's), checked; what a settings record names."""
+        arch = arch or default_arch(dataset)
         if not get_family(arch).sized:
             return cls(arch, None, None, num_classes)
-        depth = WRN_DEPTH if args.wrn_depth is None else args.wrn_depth
-        width = WRN_WIDTH if args.wrn_width is None else args.wrn_width
+        depth = WRN_DEPTH if depth is None else depth
+        width = WRN_WIDTH if width is None else width
         if width < 1:
             raise UserError(f"--wrn_width must be at least 1, got {width}")
         try:
@@ -135,6 +198,17 @@ class Network:
         except UserError as e:   # named by its flag, before a network is built
             raise UserError(f"--wrn_depth {depth}: {e}") from None
         return cls(arch, depth, width, num_classes)
+
+
+def wrn_width(text: str) -> int:
+    """argparse type of --wrn_width: a width factor of at least 1 (checked at parse time)."""
+    try:
+        width = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if width < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return width
 
 
 def wrn_depth(text: str) -> int:
@@ -155,12 +229,15 @@ def network_args() -> argparse.ArgumentParser:
     --wrn_width, --module."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("network")
-    g.add_argument("--arch", default=None, choices=list(ARCHS),
-                   help="network family (default: wrn on CIFAR, resnet34 on imagenet)")
+    # No argparse choices: a --module file may register the family (checked by from_args).
+    g.add_argument("--arch", default=None,
+                   help=f"network family: {', '.join(ARCHS)}, or one a --module file "
+                        "registers (default: wrn on CIFAR, resnet34 on imagenet)")
     g.add_argument("--wrn_depth", default=None, type=wrn_depth,
                    help=f"WRN depth, 6n+4 (default {WRN_DEPTH}; a student: its teacher's)")
-    g.add_argument("--wrn_width", default=None, type=int,
+    g.add_argument("--wrn_width", default=None, type=wrn_width,
                    help=f"WRN width factor (default {WRN_WIDTH}; a student: its teacher's)")
     g.add_argument("--module", default=None,
-                   help="Python file that calls register_block() to add block types")
+                   help="Python file that calls register_block() to add block types and/or "
+                        "register_arch() to add a network family")
     return p

@@ -6,8 +6,11 @@ used (`Conv`, `DConvA4`, `G8B2`, ...). A genotype is a plain list of those names
 residual block. Module attribute names (`conv`, `convdw`, `bn`, `conv1x1`, `conv1x1_down`, ...)
 are those of the original code, so its state dicts load with strict=True.
 """
+import hashlib
+import importlib
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence, Tuple
 
@@ -108,6 +111,14 @@ class Bottleneck(nn.Module):
         return self.conv1x1_up(out)
 
 
+def torchvision_part(attr: str) -> Callable:
+    """A callable of models/torchvision_nets.py, imported on first call: torchvision takes
+    seconds to import, and only the torchvision-layout families and MBConv types need it."""
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module("models.torchvision_nets"), attr)(*args, **kwargs)
+    return call
+
+
 # --------------------------------------------------------------------------------------------
 # The table of block types.
 # --------------------------------------------------------------------------------------------
@@ -146,10 +157,19 @@ def _builtin_rows():
                   bottleneck=2, groups=("count", g)) for g in sizes]
     rows += [_row(f"G{g}B{b}", Bottleneck, True, f"bottleneck /{b}, 3x3 in groups of {g} channels",
                   bottleneck=b, groups=("size", g)) for b in (2, 4) for g in sizes]
+    # MobileNetV2's inverted residual (torchvision's, with its residual when the shape allows)
+    # at expansion e and a k x k depthwise conv: the ProxylessNAS/MnasNet space.
+    rows += [_row(f"MB{e}K{k}", torchvision_part("MBConv"), False,
+                  f"inverted residual, expansion {e}, depthwise {k}x{k}", expansion=e, kernel=k)
+             for e in MB_EXPANSIONS for k in MB_KERNELS]
     return dict(rows)
 
 
+MB_EXPANSIONS, MB_KERNELS = (1, 3, 6), (3, 5, 7)
+
+
 BLOCK_TYPES: Dict[str, BlockType] = _builtin_rows()
+BUILTIN_BLOCKS = frozenset(BLOCK_TYPES)   # the rest were registered by a user (--module)
 
 # The block types the original search sampled from (funcs.string_to_conv and the extra
 # bottlenecks its published genotypes use): the default search space of fisher_rank.py.
@@ -176,13 +196,23 @@ def _origin(build) -> tuple:
 
 
 def load_block_module(path: str) -> None:
-    """Import a user's Python file (`--module path.py`); it calls register_block()."""
+    """Import a user's Python file (`--module path.py`); it calls register_block() and/or
+    models.register_arch(). Once per process and file version: a family's is_member must
+    see the classes its networks were built from, not a second copy of them."""
     if not os.path.isfile(path):
         raise UserError(f"--module {path}: no such file")
-    spec = importlib.util.spec_from_file_location(
-        os.path.splitext(os.path.basename(path))[0], path)
+    ident = f"{os.path.abspath(path)}:{os.stat(path).st_mtime_ns}"
+    name = "blockswap_module_" + hashlib.sha1(ident.encode()).hexdigest()[:12]
+    if name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
 
 
 def get_block_type(name: str) -> BlockType:
@@ -210,7 +240,15 @@ def check_genotype(genotype, n_blocks: int, net_name: str):
 # Residual blocks (pre-activation, as the original WRN code).
 # --------------------------------------------------------------------------------------------
 
-class _Residual(nn.Module):
+class SearchBlock(nn.Module):
+    """The block at one searched position (one genotype entry). Subclasses have `branch_end`:
+    the module whose output is the residual branch before the shortcut is added, where
+    Fisher potential is taken (funcs.fisher_scores)."""
+
+
+class PreActivation(SearchBlock):
+    """A pre-activation residual block (the original code's): BN-ReLU before each conv."""
+
     def _preact(self, x):
         """Returns (shortcut input, branch input). When in != out the BN-ReLU'd input feeds both
         the branch and the 1x1 shortcut; otherwise the raw input is the identity shortcut."""
@@ -220,7 +258,7 @@ class _Residual(nn.Module):
         return self.convShortcut(o), o
 
 
-class BasicBlock(_Residual):
+class BasicBlock(PreActivation):
     """BN-ReLU-conv1-BN-ReLU-conv2 with a shortcut; conv1/conv2 are conv slots of one type."""
 
     def __init__(self, in_planes, out_planes, stride, conv="Conv", dropRate=0.0):
@@ -247,7 +285,7 @@ class BasicBlock(_Residual):
         return shortcut + self.conv2(out)
 
 
-class BottleBlock(_Residual):
+class BottleBlock(PreActivation):
     """BN-ReLU-conv1 with a shortcut; conv1 is a bottleneck type (three layers already)."""
 
     def __init__(self, in_planes, out_planes, stride, conv="ConvB2", dropRate=0.0):
@@ -291,8 +329,14 @@ class NetworkBlock(nn.Module):
 
 
 def residual_blocks(model: nn.Module):
-    """The residual blocks of a network, in genotype order."""
-    return [m for m in model.modules() if isinstance(m, _Residual)]
+    """The residual blocks of a network, in genotype order: its outermost SearchBlocks (an
+    MBConv type used as a WRN block's conv is part of that block, not a block of its own)."""
+    found, inside = [], set()
+    for m in model.modules():
+        if isinstance(m, SearchBlock) and id(m) not in inside:
+            found.append(m)
+            inside.update(id(c) for c in m.modules())
+    return found
 
 
 def count_params(module: nn.Module) -> int:
@@ -326,15 +370,46 @@ def init_weights(model: nn.Module) -> None:
 
 @dataclass(frozen=True)
 class BlockSlot:
-    """One residual-block position: its channels, stride and input size (height = width)."""
+    """One residual-block position: its channels, stride and input size (height = width), and
+    its kind: which residual block holds the block type there (SLOT_KINDS)."""
     in_planes: int
     out_planes: int
     stride: int
     size: int
+    kind: str = "preact"
 
     @property
     def out_size(self) -> int:
         return (self.size + self.stride - 1) // self.stride
+
+
+def _preact_block(name: str, slot: BlockSlot) -> nn.Module:
+    return make_block(name, slot.in_planes, slot.out_planes, slot.stride)
+
+
+# How the block at a slot of each kind is built: build(block name, slot) -> the module the
+# network has at that position (same parameters and MACs), what cost and latency tables price.
+SLOT_KINDS: Dict[str, Callable[[str, BlockSlot], nn.Module]] = {
+    "preact": _preact_block,                                     # WRN, the original ResNets
+    "tv_basic": torchvision_part("basic_block_at"),              # torchvision ResNet-18/34
+    "tv_bottleneck": torchvision_part("bottleneck_at"),          # torchvision ResNet-50
+    "mbconv": torchvision_part("mbconv_at"),                     # torchvision MobileNetV2
+}
+
+
+def register_slot_kind(kind: str, build: Callable[[str, BlockSlot], nn.Module]) -> None:
+    """Add a kind of block position (a user's family whose blocks are not pre-activation)."""
+    SLOT_KINDS[kind] = build
+
+
+def build_block(name: str, slot: BlockSlot) -> nn.Module:
+    """The block of type `name` at `slot`, as the slot's network builds it."""
+    try:
+        build = SLOT_KINDS[slot.kind]
+    except KeyError:
+        raise UserError(f"unknown block slot kind {slot.kind!r}; expected one of "
+                        + ", ".join(SLOT_KINDS)) from None
+    return build(name, slot)
 
 
 class Head(nn.Module):

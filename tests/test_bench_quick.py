@@ -19,6 +19,8 @@ QUICK = {
     "bench_data.py": ([], rf"data: tensor {NUMBER} img/s, pil {NUMBER} img/s, ratio {NUMBER}x",
                       False),
     "bench_fisher.py": ([], rf"  sampling 20 at 800K params and 100M MACs: {NUMBER} ms", False),
+    "bench_families.py": ([], rf"families: resnet50 fisher {NUMBER}x fwd, mobilenet_v2 fisher "
+                              rf"{NUMBER}x fwd", False),
     "fisher_layout.py": ([], rf"fisher: nchw {NUMBER} s, channels_last {NUMBER} s per candidate, "
                              rf"largest block relative difference {NUMBER}", False),
     # about a minute each on a shared CPU: run with -m slow

@@ -8,7 +8,7 @@ import torch
 
 import main as M
 from blockswap import engine as E
-from blockswap.distill import DISTILL_TERMS, dist_loss, distill_loss, dkd_loss
+from blockswap.distill import DISTILL_TERMS, dist_loss, distill_loss, dkd_loss, resolve_distill
 from blockswap.cli import run_cli
 from test_main import load, run, teacher_dir  # noqa: F401 (a fixture)
 from conftest import killed_in_epoch
@@ -187,10 +187,10 @@ def test_kd_alone_takes_alpha_0_9(tiny_imagefolder, teacher_dir, tmp_path, capsy
     """--distill kd without --alpha trains with Hinton's usual weight 0.9 and says so (issue 21
     item 5); the checkpoint records it, so a resume repeats it; a given --alpha is kept."""
     cfg = E.TrainConfig(mode="student", distill="kd")
-    resolved = E.resolve_distill(cfg, None)
+    resolved = resolve_distill(cfg, None)
     assert (resolved.distill, resolved.alpha, cfg.alpha) == ("kd", 0.9, 0.0)   # a new record
     assert "--alpha 0.9" in capsys.readouterr().out
-    assert E.resolve_distill(cfg.replace(alpha=0.3), None).alpha == 0.3
+    assert resolve_distill(cfg.replace(alpha=0.3), None).alpha == 0.3
     assert capsys.readouterr().out == ""
     student(tiny_imagefolder, tmp_path, teacher_dir, "s", "--distill", "kd")
     assert "--alpha 0.9" in capsys.readouterr().out

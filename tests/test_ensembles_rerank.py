@@ -7,7 +7,7 @@ import pytest
 
 from blockswap import engine
 import fisher_rank
-from blockswap import search
+from blockswap import search, store
 from blockswap.funcs import load_genotype
 from blockswap.cli import run_cli
 from blockswap.stats import rankdata
@@ -27,6 +27,10 @@ def run(*a):
     return fisher_rank.main(fisher_rank.get_args_parser().parse_args(argv(*a)))
 
 
+def config(*a) -> search.SearchConfig:
+    return search.SearchConfig.from_args(fisher_rank.get_args_parser().parse_args(argv(*a)))
+
+
 SPEC = "vote,snip,rank:snip+params"
 
 
@@ -44,17 +48,16 @@ def test_several_proxies_one_pass_one_column_each(tiny_imagefolder, multi):
     assert list(df.columns) == ["index", "convs", "params", "macs", "synflow", "jacob_cov",
                                 "snip"]
     # a column holds that proxy on the candidate rebuilt from (seed, index), as a single run
-    args = fisher_rank.resolve(fisher_rank.get_args_parser().parse_args(
-        argv(tiny_imagefolder, out)))
+    cfg = config(tiny_imagefolder, out)
     from blockswap.loaders import get_datasets
     import torch
     from blockswap import proxies
     train, _, _ = get_datasets("cifar10", tiny_imagefolder)
-    train = fisher_rank.training_images(args, train, torch.device("cpu"))   # as the search
-    (x, y), = search.load_batches(train, args, args.seed, torch.device("cpu"))
+    train = fisher_rank.training_images(cfg, train, torch.device("cpu"))   # as the search
+    (x, y), = search.load_batches(train, cfg, cfg.seed, torch.device("cpu"))
     row = df.iloc[3]
-    net = search.make_candidate(args, eval(row["convs"]), 10,
-                                     search.candidate_key(0, 3), torch.device("cpu"))
+    net = search.make_candidate(cfg.network(10), eval(row["convs"]),
+                                store.candidate_key(0, 3), torch.device("cpu"))
     for name in ("synflow", "jacob_cov", "snip"):
         assert proxies.get_proxy(name)(net, x, y) == pytest.approx(row[name], rel=1e-6)
 
@@ -140,15 +143,15 @@ def test_rerank_trains_the_searched_network(tmp_path):
     """The re-rank trains what was searched: the training gets --arch (and a WRN's depth and
     width), so a ResNet search is re-ranked as a ResNet, on the search's data path and
     precision."""
-    args = fisher_rank.resolve(fisher_rank.get_args_parser().parse_args(
+    search_cfg = search.SearchConfig.from_args(fisher_rank.get_args_parser().parse_args(
         ["cifar10", "--arch", "resnet18", "--rerank", "1", "--device", "cpu", "--loader", "pil",
          "--cache_dir", str(tmp_path / "c"), "--amp", "off"]))
     row = {"index": 3, "convs": ["Conv"] * 8}
-    cfg = fisher_rank.rerank_config(args, row, str(tmp_path))
+    cfg = fisher_rank.rerank_config(search_cfg, row, str(tmp_path))
     assert (cfg.arch, cfg.wrn_depth, cfg.convs) == ("resnet18", None, ["Conv"] * 8)
     assert (cfg.loader, cfg.cache_dir, cfg.amp) == ("pil", str(tmp_path / "c"), "off")
     assert cfg.teacher_checkpoint == "candidate_3" and cfg.cosine and not cfg.plot
-    args = fisher_rank.resolve(fisher_rank.get_args_parser().parse_args(
+    search_cfg = search.SearchConfig.from_args(fisher_rank.get_args_parser().parse_args(
         ["cifar10", "--wrn_depth", "16", "--rerank", "1", "--device", "cpu"]))
-    cfg = fisher_rank.rerank_config(args, row, str(tmp_path))
+    cfg = fisher_rank.rerank_config(search_cfg, row, str(tmp_path))
     assert (cfg.arch, cfg.wrn_depth, cfg.wrn_width) == ("wrn", 16, 2)

@@ -42,10 +42,13 @@ def settled(model, size=32, seed=0):
 def bn_after_sums(model) -> int:
     """BatchNorms no exporter can fold, from the module structure: every residual block's
     pre-activation bn1 (it reads a residual sum, or the ResNet stem's max pool), WRN's final
-    bn1, and a DConv3D block's bn2 (it reads the mean over the Conv3d's depth); less WRN's
+    bn1, and a DConv3D block's bn2 (it reads the mean over the Conv3d's depth) or an MB
+    block's bn2 when the inverted residual keeps its own shortcut (a sum); less WRN's
     first bn1 when a 1x1 shortcut means it alone reads the stem convolution."""
     blocks = residual_blocks(model)
-    n = len(blocks) + sum(isinstance(b.conv1, SepConv3D) for b in blocks if hasattr(b, "bn2"))
+    n = len(blocks) + sum(isinstance(b.conv1, SepConv3D) or getattr(b.conv1, "use_res_connect",
+                                                                     False)
+                          for b in blocks if hasattr(b, "bn2"))
     if isinstance(model, WideResNet):
         n += 1 - (blocks[0].convShortcut is not None)
     return n

@@ -1,5 +1,6 @@
 """fisher_rank.py end to end on a tiny generated image folder with WRN-10-1: results and
 genotype files, resume after a simulated kill, settings check, archs file, 2-process shards."""
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import fisher_rank
 from blockswap import search
 from blockswap.funcs import budget_window, fisher_scores, load_genotype
 from blockswap.cli import run_cli
-from models import UserError
+from models import Network, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOAL = 20000
@@ -31,10 +32,10 @@ def cached_cost_tables(monkeypatch):
     """Building a cost table measures every block type (seconds); tests reuse them."""
     built = TABLES
 
-    def cost_table(args, num_classes, names):
-        key = (args.arch, args.wrn_depth, args.wrn_width, num_classes, tuple(names))
+    def cost_table(cfg, num_classes):
+        key = (cfg.arch, cfg.wrn_depth, cfg.wrn_width, num_classes, tuple(cfg.names()))
         if key not in built:
-            built[key] = ORIGINAL_COST_TABLE(args, num_classes, names)
+            built[key] = ORIGINAL_COST_TABLE(cfg, num_classes)
         return built[key]
     monkeypatch.setattr(fisher_rank, "cost_table", cost_table)
 
@@ -45,6 +46,11 @@ ORIGINAL_COST_TABLE = search.cost_table
 
 def run(*a):
     return fisher_rank.main(fisher_rank.get_args_parser().parse_args(argv(*a)))
+
+
+def config(*a) -> search.SearchConfig:
+    """The settings record of argv(*a), as fisher_rank.main builds it."""
+    return search.SearchConfig.from_args(fisher_rank.get_args_parser().parse_args(argv(*a)))
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +76,15 @@ def test_search_writes_results_and_best_genotype(tiny_imagefolder, full):
     files = sorted(os.listdir(out / "genotypes"), key=lambda f: int(f.rsplit("_", 1)[1][:-4]))
     assert files[-1] == os.path.basename(s["genotype"])
     # a row's score is the Fisher potential of that candidate rebuilt from (seed, index)
-    args = fisher_rank.resolve(fisher_rank.get_args_parser().parse_args(
-        argv(tiny_imagefolder, out)))
+    cfg = config(tiny_imagefolder, out)
     from blockswap.loaders import get_datasets
     train, _, _ = get_datasets("cifar10", tiny_imagefolder)
-    train = fisher_rank.training_images(args, train, torch.device("cpu"))   # as the search
-    (x, y), = search.load_batches(train, args, args.seed, torch.device("cpu"))
+    train = fisher_rank.training_images(cfg, train, torch.device("cpu"))   # as the search
+    (x, y), = search.load_batches(train, cfg, cfg.seed, torch.device("cpu"))
     i = int(best["index"])
-    net = search.make_candidate(args, s["best_genotype"], 10,
-                                     search.candidate_key(0, i), torch.device("cpu"))
+    # the key, by hand: rule 2 of store.INIT_RULES at seed 0, replica 0
+    net = search.make_candidate(Network("wrn", 10, 1, 10), s["best_genotype"], i + 1,
+                                torch.device("cpu"))
     assert float(fisher_scores(net, x, y).sum()) == pytest.approx(best["fisher"], rel=1e-6)
 
 
@@ -93,6 +99,37 @@ def test_resume_after_kill_loses_nothing(tiny_imagefolder, full, tmp_path):
     assert again["n_scored"] == 3
     assert open(path).read() == reference
     assert run(tiny_imagefolder, tmp_path)["n_scored"] == 0    # finished: nothing to do
+
+
+def test_a_search_written_before_the_init_rule_resumes_and_an_unknown_rule_is_refused(
+        tiny_imagefolder, full, tmp_path):
+    """A settings file without init_rule is a search of rule 2 (the search's rule from its
+    first version): it resumes, and the rows it adds are the ones an uninterrupted run writes;
+    a rule this version does not know is refused in one line."""
+    _, s, reference = full
+    settings = json.loads(open(s["results"][:-4] + ".json").read())
+    assert settings["init_rule"] == 2
+    path = tmp_path / "results" / os.path.basename(s["results"])
+    path.parent.mkdir()
+    path.with_suffix(".json").write_text(json.dumps(
+        {k: v for k, v in settings.items() if k != "init_rule"}))
+    path.write_text("".join(reference.splitlines(keepends=True)[:3]))   # 2 rows from before
+    assert run(tiny_imagefolder, tmp_path)["n_scored"] == 4
+    assert path.read_text() == reference
+    path.with_suffix(".json").write_text(json.dumps({**settings, "init_rule": 9}))
+    with pytest.raises(UserError, match=r"records init_rule 9, which this version does not"):
+        run(tiny_imagefolder, tmp_path)
+
+
+def test_a_single_process_search_reads_its_results_once(tiny_imagefolder, tmp_path,
+                                                        monkeypatch):
+    """The rows scored are kept in memory: the results file is read when the search starts
+    (to resume), not again to rank what it has just written."""
+    reads, real = [], search.read_rows
+    monkeypatch.setattr(search, "read_rows", lambda path, *a: reads.append(path) or real(path, *a))
+    summary = run(tiny_imagefolder, tmp_path)
+    assert reads == [summary["results"]] and summary["n_scored"] == 6
+    assert summary["ranking"][0] == summary["best_index"]
 
 
 def test_resume_with_other_settings_is_refused(tiny_imagefolder, tmp_path):

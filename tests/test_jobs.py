@@ -144,9 +144,11 @@ def test_launcher_flags_are_checked_at_parse_time_and_become_settings():
                          "30", "--slurm_parallel", "8", "--slurm_mem", "24"])
     s = jobs.launch_settings(args, "out/jobs", "cuda:1")
     assert s == LaunchSettings(launcher="slurm", log_dir="out/jobs", device="cuda",
-                               slurm_partition="gpu", slurm_gpus_per_job=1, slurm_time=30,
-                               slurm_parallel=8, slurm_mem=24)
-    assert jobs.launch_settings(args, "j", "cpu").slurm_gpus_per_job == 0
+                               slurm_partition="gpu", slurm_time=30, slurm_parallel=8,
+                               slurm_mem=24)
+    assert s.gpus_per_job() == 1 and jobs.launch_settings(args, "j", "cpu").gpus_per_job() == 0
+    args.slurm_gpus_per_job = 2
+    assert jobs.launch_settings(args, "j", "cuda").gpus_per_job() == 2
 
 
 def test_the_executor_asks_for_the_settings_resources(tmp_path, monkeypatch):

@@ -27,7 +27,7 @@ def fast_timing(batch=1):
 
 @pytest.fixture(scope="module")
 def family():
-    return latency.family_of(Network("wrn", 10, 1))
+    return latency.timed_network(Network("wrn", 10, 1))
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def ct():
 @pytest.fixture(autouse=True)
 def cached_cost_table(monkeypatch, ct):
     """fisher_rank builds the same WRN-10-1 cost table in every run: reuse one (seconds)."""
-    monkeypatch.setattr(fisher_rank, "cost_table", lambda args, num_classes, names: ct)
+    monkeypatch.setattr(fisher_rank, "cost_table", lambda cfg, num_classes: ct)
 
 
 def synthetic_table(cache_dir, family, names=NAMES, threads=1, batch=1, seed=0):
@@ -154,7 +154,7 @@ def test_search_with_latency_goal_and_resume(tiny_imagefolder, tmp_path, table_a
     assert again["n_scored"] == 2 and open(s["results"]).read() == text
     assert again["latency_ms"] == pytest.approx(table.predict(again["best_genotype"]), rel=1e-4)
     # a re-measured table is another table: resuming on it is refused
-    synthetic_table(str(tmp_path / "results" / "latency"), latency.family_of(Network("wrn", 10, 1)),
+    synthetic_table(str(tmp_path / "results" / "latency"), latency.timed_network(Network("wrn", 10, 1)),
                     seed=5)
     with pytest.raises(UserError, match="latency_table"):
         run(tiny_imagefolder, tmp_path, goal, "--save_file", "none")

@@ -1,4 +1,5 @@
 """--latency_runtime: latency tables timed in onnxruntime (latency.RUNTIMES), on WRN-10-1."""
+import dataclasses
 import math
 import os
 import sys
@@ -25,7 +26,7 @@ def timing(runtime, batch=1):
 
 @pytest.fixture(scope="module")
 def family():
-    return latency.family_of(Network("wrn", 10, 1))
+    return latency.timed_network(Network("wrn", 10, 1))
 
 
 def test_the_key_names_the_runtime_and_its_version(family):
@@ -107,8 +108,10 @@ def test_count_ops_latency_in_onnxruntime(ort_table, capsys, monkeypatch):
         ["--wrn_depth", "10", "--wrn_width", "1", "--conv", "DConv", "--latency",
          "--latency_runtime", "onnxruntime", "--threads", "1", "--latency_clock", "cpu",
          "--latency_dir", str(folder)])
-    # the module's table (two block types) is the one count_ops finds in the cache
-    monkeypatch.setattr(latency, "SEARCH_SPACE", NAMES)
+    # the module's table (two block types) is the one count_ops finds in the cache: the
+    # family's search space made those two
+    from models.archs import ARCHS
+    monkeypatch.setitem(ARCHS, "wrn", dataclasses.replace(ARCHS["wrn"], space=tuple(NAMES)))
     monkeypatch.setattr(latency, "measure_table", lambda *a, **k: pytest.fail("re-measured"))
     count_ops.main(args)
     out = capsys.readouterr().out

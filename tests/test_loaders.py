@@ -14,6 +14,8 @@ from blockswap import loaders as L
 import main as M
 from blockswap.loaders import CIFAR_STATS, Cutout, get_datasets
 from blockswap.runtime import Runtime
+from blockswap import tensor_data
+from blockswap.tensor_data import cutout_keep
 
 MEAN, STD = CIFAR_STATS["cifar10"]
 
@@ -65,7 +67,7 @@ def test_cutout_square_equals_funcs_cutout(seed):
     want = Cutout(16)(x)
     torch.manual_seed(seed)
     cy, cx = torch.randint(32, ()), torch.randint(32, ())
-    keep = L.cutout_keep(cy.view(1), cx.view(1), 16, 32)
+    keep = cutout_keep(cy.view(1), cx.view(1), 16, 32)
     assert torch.equal(x * keep[:, None][0], want)
     assert (keep == 0).any()
 
@@ -120,7 +122,7 @@ def test_imagefolder_decoded_once_and_cached(tiny_imagefolder, tmp_path, monkeyp
 
     def no_decoding(*a, **k):
         raise AssertionError("decoded again")
-    monkeypatch.setattr(L, "decode_files", no_decoding)
+    monkeypatch.setattr(tensor_data, "decode_files", no_decoding)
     b = L.tensor_images(get_datasets("cifar10", data_dir)[0], cache_dir=str(cache))
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
     monkeypatch.undo()

@@ -279,10 +279,10 @@ def test_subset_seed_picks_the_same_images_for_every_training_seed(tiny_imagefol
     from blockswap.runtime import Runtime
 
     def images(*flags):
-        args = M.get_args_parser().parse_args(base_argv(
+        cfg = M.TrainConfig.from_args(M.get_args_parser().parse_args(base_argv(
             tiny_imagefolder, tmp_path, "cifar10", "teacher", "--train_subset", "8",
-            "--val_subset", "6", "--loader", "tensor", *flags))
-        train, val, _ = L.make_loaders(args, Runtime(torch.device("cpu")))
+            "--val_subset", "6", "--loader", "tensor", *flags)))
+        train, val, _ = L.make_loaders(cfg, Runtime(torch.device("cpu")))
         return train.dataset.images, val.dataset.images
 
     a = images("--seed", "1", "--subset_seed", "7")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import main as M
 from blockswap import loaders as L
 from blockswap import engine as E
+from blockswap.build import new_model
 from conftest import ROOT
 from blockswap.runtime import Runtime
 
@@ -59,7 +60,7 @@ def reference_run(flags):
     loaders = [L.make_loaders(args, rt)[0] for rt in ranks]
     _, val_loader, _ = L.make_loaders(args, Runtime(torch.device("cpu")))
     torch.manual_seed(args.seed)
-    model = E.new_model(args, 10, None)
+    model = new_model(args, 10, None)
     optimizer = E.make_optimizer(model, args)
     buffers = [b for b in model.buffers()]
     losses = []

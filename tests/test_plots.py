@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+import plots as plots_cli  # the script (its CLI)
 from blockswap import plots
 from blockswap.cli import run_cli
 
@@ -61,11 +62,11 @@ def test_goal_and_score_come_from_the_settings_beside_the_results(tmp_path):
     settings = {"proxy": "rank:synflow+snip", "param_goal": 800_000, "mac_goal": None,
                 "latency_goal": None, "tol": 0.05}
     (tmp_path / "rank_at_800000.json").write_text(json.dumps(settings))
-    assert plots.search_settings(str(path)) == settings
+    assert plots.settings_beside(str(path)) == settings
     assert plots.score_column(df, None, settings) == "synflow"   # the ensemble's first proxy
     assert plots.score_column(df, "snip", settings) == "snip"    # --score wins
     assert _png_size(plots.plot_search(str(path), str(tmp_path / "s.png")))[0] == "PNG"
-    assert plots.search_settings(str(tmp_path / "other.csv")) == {}
+    assert plots.settings_beside(str(tmp_path / "other.csv")) == {}
 
 
 def test_plot_search_bad_input_is_a_user_error(tmp_path):
@@ -121,20 +122,20 @@ def test_plot_sweep_and_study(tmp_path):
 def test_cli_writes_beside_the_input_and_reports_errors(tmp_path, capsys):
     path = tmp_path / "fisher_at_800000.csv"
     _search_df().to_csv(path, index=False)
-    out = run_cli(plots.main, plots.get_args_parser(), ["search", str(path), "--score", "fisher",
+    out = run_cli(plots_cli.main, plots_cli.get_args_parser(), ["search", str(path), "--score", "fisher",
                                                         "--param_goal", "800000"])
     assert out == str(tmp_path / "fisher_at_800000.png")
     assert _png_size(out)[0] == "PNG"
     log = tmp_path / "t.log.csv"
     _log_df().to_csv(log, index=False)
     custom = tmp_path / "plots" / "curves.png"
-    assert run_cli(plots.main, plots.get_args_parser(),
+    assert run_cli(plots_cli.main, plots_cli.get_args_parser(),
                    ["training", str(log), "-o", str(custom)]) == str(custom)
     assert custom.stat().st_size > 0
     bad = tmp_path / "bad.csv"
     bad.write_text("name,params\nx,1\n")
     with pytest.raises(SystemExit) as e:
-        run_cli(plots.main, plots.get_args_parser(), ["sweep", str(bad)])
+        run_cli(plots_cli.main, plots_cli.get_args_parser(), ["sweep", str(bad)])
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == (
         "error: sweep table: missing column(s) error; has name, params")

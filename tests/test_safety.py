@@ -16,6 +16,7 @@ import torch
 
 import fisher_rank
 import main as M
+import plots as plots_cli  # the script (its CLI)
 from blockswap import plots
 import study
 from conftest import ROOT
@@ -209,7 +210,7 @@ def test_help_shows_every_default():
                           ("--momentum MOMENTUM", "0.9")):
         assert f"default: {default}" in help_after(M.get_args_parser(), flag)
     assert "default: 0.1" in help_after(study.get_args_parser(), "--lr LR")
-    search = plots.get_args_parser()._subparsers._group_actions[0].choices["search"]
+    search = plots_cli.get_args_parser()._subparsers._group_actions[0].choices["search"]
     assert "default: None" in help_after(search, "--mac_goal MAC_GOAL")
 
 
@@ -311,11 +312,11 @@ def test_plot_output_format_follows_the_suffix(tmp_path, capsys):
     log = tmp_path / "x.log.csv"
     log.write_text("epoch,lr,train_loss,train_error,val_loss,val_error,seconds\n"
                    "1,0.1,2.0,80,2.1,85,3\n2,0.1,1.5,60,1.7,70,3\n")
-    parser = plots.get_args_parser()
+    parser = plots_cli.get_args_parser()
     for suffix, magic in (("pdf", b"%PDF"), ("svg", b"<?xml"), ("png", b"\x89PNG")):
-        plots.main(parser.parse_args(["training", str(log), "-o", str(tmp_path / f"x.{suffix}")]))
+        plots_cli.main(parser.parse_args(["training", str(log), "-o", str(tmp_path / f"x.{suffix}")]))
         assert (tmp_path / f"x.{suffix}").read_bytes().startswith(magic)
-    one_line_error(capsys, plots.main, parser,
+    one_line_error(capsys, plots_cli.main, parser,
                    ["training", str(log), "-o", str(tmp_path / "x.pdff")], tmp_path)
 
 
@@ -338,7 +339,7 @@ def test_sweep_skips_foreign_and_flags_unfinished(tiny_imagefolder, runs, tmp_pa
     ckpt["args"]["epochs"] = 3    # as a run killed after 1 of 3 epochs
     torch.save(ckpt, tmp_path / "half.t7")
     (tmp_path / "foreign.t7").write_bytes(os.urandom(500))
-    plots.main(plots.get_args_parser().parse_args(["sweep", str(tmp_path)]))
+    plots_cli.main(plots_cli.get_args_parser().parse_args(["sweep", str(tmp_path)]))
     df = pd.read_csv(tmp_path / "sweep.csv").set_index("name")
     assert sorted(df.index) == ["half", "t"]
     assert df["finished"].to_dict() == {"half": False, "t": True}

@@ -94,6 +94,13 @@ BAD_SEARCHES = {   # name: (setup(tmp_path, monkeypatch) -> extra argv, text of 
     "tol 5": (lambda t, m: ["--tol", "5"], "must lie strictly between 0 and 1"),
     "tol 0": (lambda t, m: ["--tol", "0"], "must lie strictly between 0 and 1"),
     "blocks comma": (lambda t, m: ["--blocks", ","], "names no block type"),
+    "blocks unknown": (lambda t, m: ["--blocks", "Conv,Cnov"],
+                       "--blocks: unknown block type 'Cnov'"),
+    "param_goal negative": (lambda t, m: ["--param_goal", "-20000"],
+                            "argument --param_goal: -20000: must be at least 1"),
+    "latency_batch 0": (lambda t, m: ["--latency_goal", "1", "--latency_batch", "0"],
+                        "argument --latency_batch: 0: must be at least 1"),
+    "wrn_width 0": (lambda t, m: ["--wrn_width", "0"], "argument --wrn_width: 0: must be at"),
     "empty archs": (lambda t, m: ["--save_file", str((t / "a.csv").write_text("") or t / "a.csv")],
                     "is empty"),
     "header-only archs": (lambda t, m: ["--save_file", write_archs(t / "a.csv", [])],
@@ -134,9 +141,11 @@ def test_read_only_results_folder_by_mode(tiny_imagefolder, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags,match", [
-    (["--num_classes", "0"], "--num_classes must be at least 1, got 0"),
-    (["--num_classes", "-3"], "--num_classes must be at least 1, got -3"),
-    (["--wrn_width", "0"], "--wrn_width must be at least 1, got 0"),
+    (["--num_classes", "0"], "argument --num_classes: 0: must be at least 1"),
+    (["--num_classes", "-3"], "argument --num_classes: -3: must be at least 1"),
+    (["--wrn_width", "0"], "argument --wrn_width: 0: must be at least 1"),
+    (["--latency", "--latency_batch", "0"], "argument --latency_batch: 0: must be at least 1"),
+    (["--latency", "--threads", "0"], "argument --threads: 0: must be at least 1"),
 ])
 def test_bad_count_ops_input_is_one_line(flags, match, tmp_path, capsys):
     assert_one_error_line(capsys, lambda: run_cli(count_ops.main, count_ops.get_args_parser(),
@@ -178,35 +187,36 @@ def test_help_shows_every_default(parser):
 # --- item 1: the candidate source is said, hashed, and a foreign file is skipped ---------------
 
 def test_candidate_source_is_printed(tiny_imagefolder, tmp_path, monkeypatch, capsys):
-    args = fisher_rank.resolve(fisher_rank.get_args_parser().parse_args(
+    cfg = search.SearchConfig.from_args(fisher_rank.get_args_parser().parse_args(
         argv(tiny_imagefolder, tmp_path, "--samples", "2")))
-    table = search.cost_table(args, 10, search.search_space(args))
-    _, source = search.get_candidates(args, table)
-    assert source == "sampled" and \
+    table = search.cost_table(cfg, 10)
+    assert search.get_candidates(cfg, table).source == "sampled" and \
         "candidates: exact samples (--save_file none)" in capsys.readouterr().out
     monkeypatch.chdir(tmp_path)                    # the default archs file, relative to here
-    args.save_file = search.DEFAULT_ARCHS
-    search.get_candidates(args, table)
+    cfg = cfg.replace(save_file=search.DEFAULT_ARCHS)
+    search.get_candidates(cfg, table)
     assert "exact samples (archs/master_arch.csv absent)" in capsys.readouterr().out
     write_archs(tmp_path / "archs" / "master_arch.csv", [OTHER_NET])
-    _, source = search.get_candidates(args, table)
-    assert source == "sampled" and "skipped, written for another network" in \
-        capsys.readouterr().out
+    assert search.get_candidates(cfg, table).source == "sampled" and \
+        "skipped, written for another network" in capsys.readouterr().out
     fits = funcs.sample_genotypes(table, 3, Budget(GOAL, None, 0.3), seed=5)
     write_archs(tmp_path / "archs" / "master_arch.csv", [OUT_OF_BUDGET, *fits])
-    genotypes, source = search.get_candidates(args, table)
+    cands = search.get_candidates(cfg, table)
     data = (tmp_path / "archs" / "master_arch.csv").read_bytes()
-    assert genotypes == fits[:2] and source == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert cands.genotypes == fits[:2] and cands.source == \
+        "sha256:" + hashlib.sha256(data).hexdigest()
+    # the costs carried with them are each genotype's own (one computation, in file order)
+    assert [cands.row(i)["params"] for i in range(2)] == [table.cost(g)[0] for g in fits[:2]]
     assert "3 of its 4 rows meet this budget; scoring the first 2" in capsys.readouterr().out
-    args.samples = 4                               # more than the file has: said, then sampled
-    _, source = search.get_candidates(args, table)
-    assert source == "sampled" and "fewer than --samples 4" in capsys.readouterr().out
+    cfg = cfg.replace(samples=4)                   # more than the file has: said, then sampled
+    assert search.get_candidates(cfg, table).source == "sampled" and \
+        "fewer than --samples 4" in capsys.readouterr().out
 
 
 def test_settings_record_the_archs_hash_not_its_path(tiny_imagefolder, tmp_path):
     a = write_archs(tmp_path / "a.csv", funcs.sample_genotypes(
-        search.cost_table(fisher_rank.resolve(fisher_rank.get_args_parser().parse_args(
-            argv(tiny_imagefolder, tmp_path))), 10, list(search.SEARCH_SPACE)),
+        search.cost_table(search.SearchConfig.from_args(fisher_rank.get_args_parser().parse_args(
+            argv(tiny_imagefolder, tmp_path))), 10),
         2, Budget(GOAL, None, 0.3), seed=3))
     s = run(tiny_imagefolder, tmp_path, "--samples", "1", "--save_file", a, "--no-plot")
     text = open(s["results"][:-4] + ".json").read()

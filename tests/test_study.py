@@ -1,12 +1,14 @@
 """study.py end to end on tiny data: scores, trained errors, correlations, plot, resume."""
 import ast
+import json
 import os
 
 import pytest
 import torch
 
 import study
-from models import WideResNet
+from blockswap.files import load_checkpoint
+from models import UserError, WideResNet
 from blockswap.proxies import PROXIES, get_proxy
 
 
@@ -27,11 +29,10 @@ def test_study_end_to_end_and_resume(tmp_path, tiny_imagefolder, capsys):
     assert "| fisher |" in out and "Spearman" in out
     assert os.path.getsize(tmp_path / "study.png") > 0
     # a score in the table equals the proxy recomputed on the same init and minibatch
-    x, y, n = study.fixed_minibatch(study.get_args_parser().parse_args(
-        ["cifar10", "--data_loc", tiny_imagefolder, "--batch_size", "8",
-         "--train_subset", "16"]), torch.device("cpu"))
+    x, y, n = study.fixed_minibatch(study.StudyConfig(
+        data_loc=tiny_imagefolder, batch_size=8, train_subset=16), torch.device("cpu"))
     row = df.iloc[1]
-    torch.manual_seed(0 + 1)
+    torch.manual_seed(2)   # store.candidate_key, rule 2, by hand: (0 * P + 0) * P + 1 + 1
     net = WideResNet(10, 1, ast.literal_eval(row["convs"]), n)
     assert get_proxy("params")(net, x, y) == row["params"]
     assert get_proxy("fisher")(net, x, y) == pytest.approx(row["fisher"], rel=1e-5)
@@ -41,8 +42,50 @@ def test_study_end_to_end_and_resume(tmp_path, tiny_imagefolder, capsys):
     assert (tmp_path / "study.csv").read_bytes() == before
 
 
+def test_a_study_written_before_the_init_rule_resumes_with_its_own(tmp_path, tiny_imagefolder):
+    """A settings.json without init_rule (or amp, tol, score_seeds) is a study of rule 1
+    (seed + index + 1000 r): it resumes with that rule (the scores and the trainings' seeds are
+    the old ones) and its file is left as it was; a rule this version does not know is refused
+    in one line, before any work."""
+    old = dict(dataset="cifar10", data_loc=tiny_imagefolder, loader="auto", arch=None,
+               wrn_depth=10, wrn_width=1, module=None, param_goal=None, mac_goal=None,
+               candidates=3, proxies="params,fisher", batch_size=8, epochs=1, lr=0.1,
+               train_subset=16, val_subset=10, seed=0)   # as study.py's first version wrote it
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "settings.json").write_text(json.dumps(old))
+    df = run(tmp_path / "old", tiny_imagefolder, ["--proxies", "params,fisher"])
+    assert json.loads((tmp_path / "old" / "settings.json").read_text()) == old
+    x, y, n = study.fixed_minibatch(study.StudyConfig(
+        data_loc=tiny_imagefolder, batch_size=8, train_subset=16), torch.device("cpu"))
+    for i, row in df.iterrows():
+        torch.manual_seed(0 + i)   # rule 1, by hand
+        net = WideResNet(10, 1, ast.literal_eval(row["convs"]), n)
+        assert get_proxy("fisher")(net, x, y) == pytest.approx(row["fisher"], rel=1e-5)
+    seeds = {p.stem: load_checkpoint(str(p))["args"]["seed"]
+             for p in (tmp_path / "old" / "checkpoints").glob("*.t7")}
+    assert seeds == {"candidate_0": 0, "candidate_1": 1, "candidate_2": 2}
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "settings.json").write_text(json.dumps({**old, "init_rule": 9}))
+    with pytest.raises(UserError, match=r"records init_rule 9, which this version does not "
+                                        r"know \(it knows 1, 2\)"):
+        run(tmp_path / "new", tiny_imagefolder, ["--proxies", "params,fisher"])
+    assert os.listdir(tmp_path / "new") == ["settings.json"]
+
+
+def test_a_candidates_training_honours_amp_and_starts_from_its_scored_seed():
+    cfg = study.StudyConfig(amp="off", seed=3, train_seeds=2)
+    train = study.train_config(cfg, ["Conv"] * 6, 5, "out", replica=1)
+    assert (train.amp, train.seed, train.subset_seed) == ("off", (1 * P + 3) * P + 5 + 1, 3)
+    assert train.teacher_checkpoint == "candidate_5_seed1"
+    legacy = study.train_config(cfg.replace(init_rule=1), ["Conv"] * 6, 5, "out", replica=1)
+    assert legacy.seed == 3 + 5 + 1000
+    assert study.get_args_parser().parse_args(["cifar10", "--amp", "bf16"]).amp == "bf16"
+
+
+P = 1_000_003   # the modulus of store.candidate_key's rule 2
+
+
 def test_study_refuses_other_settings(tmp_path, tiny_imagefolder):
     run(tmp_path, tiny_imagefolder, ["--proxies", "params"])
-    from models import UserError
     with pytest.raises(UserError, match=r"records different settings \(epochs 1 then, 2 now\)"):
         run(tmp_path, tiny_imagefolder, ["--proxies", "params", "--epochs", "2"])

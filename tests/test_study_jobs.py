@@ -2,7 +2,6 @@
 never the numbers; a study killed half-way and run again with another launcher trains only the
 unfinished trainings; the early noise estimate and --stop_if_noisy."""
 import os
-import types
 
 import numpy as np
 import pytest
@@ -61,9 +60,7 @@ def test_a_killed_study_reruns_only_unfinished_trainings_with_another_launcher(
 
 
 def noise_args(**kw):
-    base = dict(train_seeds=2, candidates=40, bootstrap=200, seed=0, stop_if_noisy=False)
-    base.update(kw)
-    return types.SimpleNamespace(**base)
+    return study.StudyConfig(**{**dict(train_seeds=2, candidates=40, bootstrap=200), **kw})
 
 
 def rows(errors):

@@ -2,7 +2,6 @@
 tiny end-to-end study with two training and two scoring seeds."""
 import itertools
 import math
-import types
 
 import numpy as np
 import pandas as pd
@@ -10,7 +9,7 @@ import pytest
 
 import study
 from blockswap import stats
-from blockswap.ensembles import ProxySpec
+from blockswap.variance import CEILING_TRUSTED
 from blockswap.stats import kendall, spearman
 
 
@@ -53,12 +52,11 @@ def test_top_hit_and_its_bootstrap_rate():
     assert stats.top_hit_rate(error, error, n_boot=200) < 0.2             # an inverted one
 
 
-def _args(folder, **kw):
-    base = dict(dataset="cifar10", data_loc=folder, wrn_depth=10, wrn_width=1, param_goal=None,
-                mac_goal=None, epochs=1, train_subset=100, val_subset=5, train_seeds=2,
-                score_seeds=2, bootstrap=60, seed=0)
-    base.update(kw)
-    return types.SimpleNamespace(**base)
+def _cfg(folder, **kw):
+    base = dict(dataset="cifar10", data_loc=folder, wrn_depth=10, wrn_width=1, epochs=1,
+                train_subset=100, val_subset=5, train_seeds=2, score_seeds=2, bootstrap=60,
+                proxies="snip,synflow,jacob_cov,params")
+    return study.StudyConfig(**{**base, **kw})
 
 
 def test_summary_states_images_used_noise_ceiling_warning_and_stability(tiny_imagefolder):
@@ -71,18 +69,17 @@ def test_summary_states_images_used_noise_ceiling_warning_and_stability(tiny_ima
                        "synflow@1": rng.random(20), "jacob_cov@1": rng.random(20)})
     df["val_error"] = (df["val_error_0"] + df["val_error_1"]) / 2
     ceiling = spearman(df["val_error_0"], df["val_error_1"])
-    assert study.noise_ceiling(df, _args(tiny_imagefolder)) == pytest.approx(ceiling)
-    text = study.summarise(df, ProxySpec("snip,synflow,jacob_cov,params"),
-                           _args(tiny_imagefolder), 60)
+    assert study.noise_ceiling(df, _cfg(tiny_imagefolder)) == pytest.approx(ceiling)
+    text = study.report(df, _cfg(tiny_imagefolder), 60)
     assert "on 40 training images (asked 100), validation on 5" in text   # 40 in the folder
     assert f"Noise ceiling (seed-to-seed Spearman of the trained errors): {ceiling:+.2f}" in text
-    assert ("WARNING" in text) == (ceiling < 0.7)
+    assert ("WARNING" in text) == (ceiling < CEILING_TRUSTED) and CEILING_TRUSTED == 0.7
     assert "| vote |" in text                     # its three proxies are there: added
     rho = spearman(df["snip"], df["val_error"])
     assert f"| snip | {rho:+.2f} [" in text
     assert "Proxy stability over 2 initialisations" in text and "snip +1.00" in text
-    quiet = study.summarise(df.assign(val_error_1=df["val_error_0"]),
-                            ProxySpec("snip"), _args(tiny_imagefolder), 60)
+    quiet = study.report(df.assign(val_error_1=df["val_error_0"]),
+                         _cfg(tiny_imagefolder, proxies="snip"), 60)
     assert "+1.00 measured." in quiet and "WARNING" not in quiet
     # the variance components of the whole study, beside the measured ceiling
     assert "Predicted noise ceiling (variance components of 20 candidates x 2 seeds)" in text

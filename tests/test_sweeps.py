@@ -7,11 +7,12 @@ import pytest
 
 import fisher_rank
 import main as trainer
+import plots as plots_cli  # the script (its CLI)
 from blockswap import plots
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["bash/moonshine.sh", "bash/blockswap.sh"]
 PARSERS = {"main.py": trainer.get_args_parser, "fisher_rank.py": fisher_rank.get_args_parser,
-           "plots.py": plots.get_args_parser}
+           "plots.py": plots_cli.get_args_parser}
 
 
 def dry_run(script, **env):
@@ -94,5 +95,5 @@ def test_sweep_table_from_checkpoints(tmp_path, tiny_imagefolder):
     assert df.loc["s", "params"] == count_params(WideResNet(10, 1, ["G2B2", "DConv", "Conv"]))
     assert df.loc["t", "params"] == count_params(WideResNet(10, 1))
     assert (df["epochs"] == 1).all() and ((df["error"] / 10) % 1 == 0).all()  # 10 val images
-    plots.main(plots.get_args_parser().parse_args(["sweep", str(tmp_path)]))
+    plots_cli.main(plots_cli.get_args_parser().parse_args(["sweep", str(tmp_path)]))
     assert (tmp_path / "sweep.csv").is_file() and (tmp_path / "sweep.png").stat().st_size > 0
