@@ -133,7 +133,8 @@ def regularized_beta(a: float, b: float, x: float) -> float:
                  + a * math.log(x) + b * math.log1p(-x))
     if x < (a + 1.0) / (a + b + 2.0):
         return math.exp(log_front) * _beta_fraction(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _beta_fraction(b, a, 1.0 - x) / b   # I_x(a,b) = 1 - I_1-x(b,a)
+    # the other side converges fast there: I_x(a, b) = 1 - I_(1-x)(b, a)
+    return 1.0 - math.exp(log_front) * _beta_fraction(b, a, 1.0 - x) / b
 
 
 def f_cdf(value: float, d1: float, d2: float) -> float:

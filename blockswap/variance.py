@@ -177,9 +177,9 @@ def noise_warning(vc: VarianceComponents, threshold: float = CEILING_CANNOT_RANK
     sure = ("even the interval's top is below it" if hi < threshold else
             "the interval still reaches above it, so more candidates may revise this")
     return (f"WARNING: the predicted noise ceiling is {vc.ceiling:+.2f} [{lo:+.2f}, {hi:+.2f}] "
-            f"(exact interval) after {vc.n_arch} candidates, below {threshold} ({sure}): the architectures of "
-            f"this budget differ by less than two trainings of one architecture do "
-            f"(between-architecture variance {vc.var_between:.3g} vs seed-to-seed "
+            f"(exact interval) after {vc.n_arch} candidates, below {threshold} ({sure}): the "
+            f"architectures of this budget differ by less than two trainings of one "
+            f"architecture do (between-architecture variance {vc.var_between:.3g} vs seed-to-seed "
             f"{vc.var_seed:.3g} points^2), so the study cannot rank proxies. Make the "
             "differences larger than the noise: train longer (--epochs), on more images "
             "(--train_subset), validate on the whole test split (--val_subset), or widen the "

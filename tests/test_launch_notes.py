@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from blockswap import cli, jobs
 from blockswap.jobs import Job, LaunchSettings, launch_settings, launcher_args, run_jobs
