@@ -134,6 +134,9 @@ def get_args_parser():
                                 parents=[data_args(), network_args(), budget_args(),
                                          device_args(), launcher_args()])
     p.set_defaults(wrn_depth=D.wrn_depth, wrn_width=D.wrn_width)
+    for a in p._actions:   # the shared help names a search's default (WRN-40-2), not the study's
+        if a.dest in ("wrn_depth", "wrn_width"):
+            a.help = a.help.split(" (default")[0] + f" (default: {getattr(D, a.dest)})"
     p.add_argument("--candidates", default=D.candidates, type=at_least(MIN_CANDIDATES),
                    help="K genotypes to score and train")
     p.add_argument("--proxies", default=D.proxies, type=proxy_arg,

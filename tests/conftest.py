@@ -118,3 +118,46 @@ def killed_in_epoch(monkeypatch, epoch, run):
     with pytest.raises(KeyboardInterrupt):
         run()
     monkeypatch.setattr(engine, "train_one_epoch", real)
+
+
+# --------------------------------------------------------------------------------------------
+# Running the scripts, and the one-line error contract (every test file uses these)
+# --------------------------------------------------------------------------------------------
+
+def run(script, *argv):
+    """A script's entry point on a command line, as a user would call it but in this process:
+    `run(fisher_rank, "cifar10", "--data_loc", data)`. Errors propagate (no run_cli)."""
+    return script.main(script.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def snapshot(folder):
+    """{relative path: (bytes, mode)} of every file under a folder (to show nothing changed)."""
+    out = {}
+    for d, _, names in os.walk(folder):
+        for n in names:
+            p = os.path.join(d, n)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, folder)] = (fh.read(), os.stat(p).st_mode)
+    return out
+
+
+def one_error_line(capsys, call, folder=None, match=None):
+    """call() ends as exit 2 with exactly one `error: ...` line on stderr (naming `match` if
+    given) and nothing under `folder` created or changed. Returns that line."""
+    before = snapshot(folder) if folder else None
+    with pytest.raises(SystemExit) as e:
+        call()
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    if match is not None:
+        assert match in err, err
+    if folder:
+        assert snapshot(folder) == before
+    return err
+
+
+def study_argv(folder, data, *extra):
+    return ["cifar10", "--data_loc", data, "--wrn_depth", "10", "--wrn_width", "1",
+            "--candidates", "3", "--epochs", "1", "--batch_size", "8", "--train_subset", "16",
+            "--val_subset", "10", "--proxies", "params,fisher", "--out", str(folder), *extra]

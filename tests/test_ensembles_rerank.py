@@ -7,6 +7,7 @@ import pytest
 
 from blockswap import engine
 import fisher_rank
+from conftest import run
 from blockswap import search, store
 from blockswap.funcs import load_genotype
 from blockswap.cli import run_cli
@@ -23,10 +24,6 @@ def argv(data, out, *extra):
             "--save_file", "none", "--no-plot", *extra]
 
 
-def run(*a):
-    return fisher_rank.main(fisher_rank.get_args_parser().parse_args(argv(*a)))
-
-
 def config(*a) -> search.SearchConfig:
     return search.SearchConfig.from_args(fisher_rank.get_args_parser().parse_args(argv(*a)))
 
@@ -37,7 +34,7 @@ SPEC = "vote,snip,rank:snip+params"
 @pytest.fixture(scope="module")
 def multi(tiny_imagefolder, tmp_path_factory):
     out = tmp_path_factory.mktemp("multi")
-    return out, run(tiny_imagefolder, out, "--proxy", SPEC, "--top_n", "2")
+    return out, run(fisher_rank, *argv(tiny_imagefolder, out, "--proxy", SPEC, "--top_n", "2"))
 
 
 def test_several_proxies_one_pass_one_column_each(tiny_imagefolder, multi):
@@ -88,7 +85,7 @@ def test_multi_proxy_search_resumes_to_the_same_file(tiny_imagefolder, tmp_path,
     (tmp_path / "results" / name).write_text("".join(lines[:4]) + lines[4][:10])  # torn line
     (tmp_path / "results" / name.replace(".csv", ".json")).write_text(
         open(s["results"][:-4] + ".json").read())
-    run(tiny_imagefolder, tmp_path, "--proxy", SPEC)
+    run(fisher_rank, *argv(tiny_imagefolder, tmp_path, "--proxy", SPEC))
     assert (tmp_path / "results" / name).read_text() == full
 
 
@@ -105,7 +102,7 @@ def test_rerank_trains_the_top_k_writes_csv_and_genotype_and_resumes(
         tiny_imagefolder, tmp_path, monkeypatch):
     extra = ("--proxy", "snip", "--samples", "4", "--rerank", "2", "--rerank_epochs", "1",
              "--rerank_train_subset", "16", "--rerank_val_subset", "10")
-    s = run(tiny_imagefolder, tmp_path, *extra)
+    s = run(fisher_rank, *argv(tiny_imagefolder, tmp_path, *extra))
     r = s["rerank"]
     df = pd.read_csv(r["results"])
     assert r["results"] == str(tmp_path / "results" / f"{NET}snip_at_{GOAL}_rerank.csv")
@@ -123,20 +120,20 @@ def test_rerank_trains_the_top_k_writes_csv_and_genotype_and_resumes(
     trained = []
     monkeypatch.setattr(engine, "train_on", lambda cfg, rt: trained.append(
         cfg.teacher_checkpoint) or engine.TrainResult("x", [{"val_error": 50.0}]))
-    run(tiny_imagefolder, tmp_path, *extra)
+    run(fisher_rank, *argv(tiny_imagefolder, tmp_path, *extra))
     assert trained == [] and open(r["results"]).read() == before
-    run(tiny_imagefolder, tmp_path, *extra[:5], "3", *extra[6:])
+    run(fisher_rank, *argv(tiny_imagefolder, tmp_path, *extra[:5], "3", *extra[6:]))
     assert trained == [f"candidate_{s['ranking'][2]}"]
 
 
 def test_rerank_refuses_bad_numbers_and_torchrun(tiny_imagefolder, tmp_path, monkeypatch):
     from models import UserError
     with pytest.raises(SystemExit):   # refused at parse time, before the search
-        run(tiny_imagefolder, tmp_path, "--rerank", "2", "--rerank_epochs", "0")
+        run(fisher_rank, *argv(tiny_imagefolder, tmp_path, "--rerank", "2", "--rerank_epochs", "0"))
     assert not (tmp_path / "results").exists()
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="without torchrun"):
-        run(tiny_imagefolder, tmp_path, "--rerank", "2")
+        run(fisher_rank, *argv(tiny_imagefolder, tmp_path, "--rerank", "2"))
 
 
 def test_rerank_trains_the_searched_network(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fisher_rank
+from conftest import run
 from blockswap import search
 from blockswap.funcs import budget_window, fisher_scores, load_genotype
 from blockswap.cli import run_cli
@@ -44,10 +45,6 @@ TABLES = {}
 ORIGINAL_COST_TABLE = search.cost_table
 
 
-def run(*a):
-    return fisher_rank.main(fisher_rank.get_args_parser().parse_args(argv(*a)))
-
-
 def config(*a) -> search.SearchConfig:
     """The settings record of argv(*a), as fisher_rank.main builds it."""
     return search.SearchConfig.from_args(fisher_rank.get_args_parser().parse_args(argv(*a)))
@@ -57,7 +54,7 @@ def config(*a) -> search.SearchConfig:
 def full(tiny_imagefolder, tmp_path_factory):
     """One uninterrupted search, the reference for the other tests."""
     out = tmp_path_factory.mktemp("full")
-    summary = run(tiny_imagefolder, out)
+    summary = run(fisher_rank, *argv(tiny_imagefolder, out))
     return out, summary, open(summary["results"]).read()
 
 
@@ -90,15 +87,15 @@ def test_search_writes_results_and_best_genotype(tiny_imagefolder, full):
 
 def test_resume_after_kill_loses_nothing(tiny_imagefolder, full, tmp_path):
     _, _, reference = full
-    first = run(tiny_imagefolder, tmp_path)
+    first = run(fisher_rank, *argv(tiny_imagefolder, tmp_path))
     path = first["results"]
     lines = reference.splitlines(keepends=True)
     with open(path, "w") as f:                  # killed while writing candidate 3
         f.write("".join(lines[:4]) + lines[4][:12])
-    again = run(tiny_imagefolder, tmp_path)
+    again = run(fisher_rank, *argv(tiny_imagefolder, tmp_path))
     assert again["n_scored"] == 3
     assert open(path).read() == reference
-    assert run(tiny_imagefolder, tmp_path)["n_scored"] == 0    # finished: nothing to do
+    assert run(fisher_rank, *argv(tiny_imagefolder, tmp_path))["n_scored"] == 0    # finished: nothing to do
 
 
 def test_a_search_written_before_the_init_rule_resumes_and_an_unknown_rule_is_refused(
@@ -114,11 +111,11 @@ def test_a_search_written_before_the_init_rule_resumes_and_an_unknown_rule_is_re
     path.with_suffix(".json").write_text(json.dumps(
         {k: v for k, v in settings.items() if k != "init_rule"}))
     path.write_text("".join(reference.splitlines(keepends=True)[:3]))   # 2 rows from before
-    assert run(tiny_imagefolder, tmp_path)["n_scored"] == 4
+    assert run(fisher_rank, *argv(tiny_imagefolder, tmp_path))["n_scored"] == 4
     assert path.read_text() == reference
     path.with_suffix(".json").write_text(json.dumps({**settings, "init_rule": 9}))
     with pytest.raises(UserError, match=r"records init_rule 9, which this version does not"):
-        run(tiny_imagefolder, tmp_path)
+        run(fisher_rank, *argv(tiny_imagefolder, tmp_path))
 
 
 def test_a_single_process_search_reads_its_results_once(tiny_imagefolder, tmp_path,
@@ -127,27 +124,27 @@ def test_a_single_process_search_reads_its_results_once(tiny_imagefolder, tmp_pa
     (to resume), not again to rank what it has just written."""
     reads, real = [], search.read_rows
     monkeypatch.setattr(search, "read_rows", lambda path, *a: reads.append(path) or real(path, *a))
-    summary = run(tiny_imagefolder, tmp_path)
+    summary = run(fisher_rank, *argv(tiny_imagefolder, tmp_path))
     assert reads == [summary["results"]] and summary["n_scored"] == 6
     assert summary["ranking"][0] == summary["best_index"]
 
 
 def test_resume_with_other_settings_is_refused(tiny_imagefolder, tmp_path):
-    run(tiny_imagefolder, tmp_path)
+    run(fisher_rank, *argv(tiny_imagefolder, tmp_path))
     with pytest.raises(UserError, match="seed 0 then, 1 now"):
-        run(tiny_imagefolder, tmp_path, "--seed", "1")
+        run(fisher_rank, *argv(tiny_imagefolder, tmp_path, "--seed", "1"))
 
 
 def test_generate_random_then_score_the_archs_file(tiny_imagefolder, tmp_path):
     archs_file = ("--save_file", str(tmp_path / "archs.csv"))
-    s = run(tiny_imagefolder, tmp_path, "--generate_random", "--samples", "9", *archs_file)
+    s = run(fisher_rank, *argv(tiny_imagefolder, tmp_path, "--generate_random", "--samples", "9", *archs_file))
     archs = pd.read_csv(s["save_file"])
     assert len(archs) == 9 and {"convs", "params", "macs"} <= set(archs.columns)
     lo, hi = budget_window(GOAL, 0.3)
     assert archs["params"].between(lo, hi).all()
     with pytest.raises(UserError, match="--overwrite"):
-        run(tiny_imagefolder, tmp_path, "--generate_random", *archs_file)
-    scored = pd.read_csv(run(tiny_imagefolder, tmp_path, "--samples", "5", *archs_file)["results"])
+        run(fisher_rank, *argv(tiny_imagefolder, tmp_path, "--generate_random", *archs_file))
+    scored = pd.read_csv(run(fisher_rank, *argv(tiny_imagefolder, tmp_path, "--samples", "5", *archs_file))["results"])
     assert list(scored["convs"]) == list(archs["convs"][:5])
 
 
@@ -167,9 +164,9 @@ def test_user_block_module(tiny_imagefolder, tmp_path):
         "import torch.nn as nn\nfrom models.blocks import register_block\n"
         f"register_block('{name}', lambda i, o, s: nn.Conv2d(i, o, 1, s, 0, bias=False))\n")
     try:
-        s = run(tiny_imagefolder, tmp_path, "--module", str(tmp_path / "blk.py"),
+        s = run(fisher_rank, *argv(tiny_imagefolder, tmp_path, "--module", str(tmp_path / "blk.py"),
                 "--blocks", f"Conv,{name}", "--param_goal", "60000", "--tol", "0.5",
-                "--samples", "4")
+                "--samples", "4"))
     finally:
         BLOCK_TYPES.pop(name, None)
     used = {n for c in pd.read_csv(s["results"])["convs"] for n in eval(c)}

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fisher_rank
+from conftest import run
 from blockswap import latency
 from blockswap.count_ops import CostTable
 from blockswap.funcs import Budget, QuantisedLatency, budget_window, count_genotypes, sample_codes
@@ -120,10 +121,6 @@ def argv(data, out, goal, *extra):
             "--save_file", str(out / "archs.csv"), "--no-plot", *extra]
 
 
-def run(*a):
-    return fisher_rank.main(fisher_rank.get_args_parser().parse_args(argv(*a)))
-
-
 @pytest.fixture
 def table_and_goal(family, tmp_path):
     table = synthetic_table(str(tmp_path / "results" / "latency"), family)
@@ -139,7 +136,7 @@ def check_rows(df, table, goal, tol=0.2):
 
 def test_search_with_latency_goal_and_resume(tiny_imagefolder, tmp_path, table_and_goal):
     table, goal = table_and_goal
-    s = run(tiny_imagefolder, tmp_path, goal, "--save_file", "none")
+    s = run(fisher_rank, *argv(tiny_imagefolder, tmp_path, goal, "--save_file", "none"))
     df = pd.read_csv(s["results"])
     assert list(df.columns) == ["index", "convs", "params", "macs", "latency_ms", "fisher"]
     assert f"lat{goal:g}ms" in s["results"] and len(df) == 4
@@ -150,14 +147,14 @@ def test_search_with_latency_goal_and_resume(tiny_imagefolder, tmp_path, table_a
     text = open(s["results"]).read()
     with open(s["results"], "w") as f:          # killed after two candidates
         f.write("".join(text.splitlines(keepends=True)[:3]))
-    again = run(tiny_imagefolder, tmp_path, goal, "--save_file", "none")
+    again = run(fisher_rank, *argv(tiny_imagefolder, tmp_path, goal, "--save_file", "none"))
     assert again["n_scored"] == 2 and open(s["results"]).read() == text
     assert again["latency_ms"] == pytest.approx(table.predict(again["best_genotype"]), rel=1e-4)
     # a re-measured table is another table: resuming on it is refused
     synthetic_table(str(tmp_path / "results" / "latency"), latency.timed_network(Network("wrn", 10, 1)),
                     seed=5)
     with pytest.raises(UserError, match="latency_table"):
-        run(tiny_imagefolder, tmp_path, goal, "--save_file", "none")
+        run(fisher_rank, *argv(tiny_imagefolder, tmp_path, goal, "--save_file", "none"))
 
 
 def test_generate_random_with_latency_and_param_goal(tiny_imagefolder, tmp_path, ct,
@@ -165,16 +162,16 @@ def test_generate_random_with_latency_and_param_goal(tiny_imagefolder, tmp_path,
     table, goal = table_and_goal
     params, _ = ct.cost_many(all_codes(table))
     pgoal = int(np.median(params))
-    s = run(tiny_imagefolder, tmp_path, goal, "--generate_random", "--param_goal", str(pgoal),
-            "--samples", "3")
+    s = run(fisher_rank, *argv(tiny_imagefolder, tmp_path, goal, "--generate_random", "--param_goal", str(pgoal),
+            "--samples", "3"))
     df = pd.read_csv(s["save_file"])
     assert {"convs", "params", "macs", "latency_ms"} <= set(df.columns) and len(df) == 3
     check_rows(df, table, goal)
     lo, hi = budget_window(pgoal, 0.2)
     assert df["params"].between(lo, hi).all()
     # the archs file is then scored as it is (its rows meet both windows)
-    scored = pd.read_csv(run(tiny_imagefolder, tmp_path, goal, "--param_goal", str(pgoal),
-                             "--samples", "3")["results"])
+    scored = pd.read_csv(run(fisher_rank, *argv(tiny_imagefolder, tmp_path, goal, "--param_goal", str(pgoal),
+                             "--samples", "3"))["results"])
     assert list(scored["convs"]) == list(df["convs"])
 
 

@@ -10,6 +10,7 @@ from PIL import Image
 import plots as plots_cli  # the script (its CLI)
 from blockswap import plots
 from blockswap.cli import run_cli
+from conftest import one_error_line
 
 
 def _png_size(path):
@@ -139,3 +140,31 @@ def test_cli_writes_beside_the_input_and_reports_errors(tmp_path, capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == (
         "error: sweep table: missing column(s) error; has name, params")
+
+
+# --------------------------------------------------------------------------------------------
+# Output format and one-epoch curves.
+# --------------------------------------------------------------------------------------------
+
+def test_plot_output_format_follows_the_suffix(tmp_path, capsys):
+    log = tmp_path / "x.log.csv"
+    log.write_text("epoch,lr,train_loss,train_error,val_loss,val_error,seconds\n"
+                   "1,0.1,2.0,80,2.1,85,3\n2,0.1,1.5,60,1.7,70,3\n")
+    parser = plots_cli.get_args_parser()
+    for suffix, magic in (("pdf", b"%PDF"), ("svg", b"<?xml"), ("png", b"\x89PNG")):
+        plots_cli.main(parser.parse_args(["training", str(log), "-o", str(tmp_path / f"x.{suffix}")]))
+        assert (tmp_path / f"x.{suffix}").read_bytes().startswith(magic)
+    one_error_line(capsys, lambda: run_cli(plots_cli.main, parser,
+                   ["training", str(log), "-o", str(tmp_path / "x.pdff")]), tmp_path)
+
+
+def test_one_epoch_curves_have_markers(monkeypatch, tmp_path):
+    figs = []
+    monkeypatch.setattr(plots, "save", lambda fig, out: figs.append(fig) or out)
+    log = pd.DataFrame(dict(epoch=[1], lr=[0.1], train_loss=[2.0], train_error=[80.0],
+                            val_loss=[2.1], val_error=[85.0], seconds=[3.0]))
+    plots.plot_training(log, str(tmp_path / "x.png"))
+    ax_err, ax_loss, ax_lr = figs[0].axes
+    for ax in (ax_loss, ax_lr):
+        assert ax.get_lines() and all(line.get_marker() not in (None, "None", "")
+                                      for line in ax.get_lines())

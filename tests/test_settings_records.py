@@ -104,3 +104,31 @@ def test_no_default_is_written_twice():
     assert found[("samples", 1000)] == 1 and found[("slurm_time", 120)] == 1   # seen at all
     twice = sorted(pair for pair, n in found.items() if n > 1 and pair[0] != "dataset")
     assert not twice, f"defaults stated more than once: {twice}"
+
+
+def parsers_of_every_script():
+    """(name, parser) of every script's parser, each plots.py subcommand on its own."""
+    import argparse
+    import count_ops
+    import export
+    import plots
+    out = []
+    for name, script in (("main", M), ("fisher_rank", fisher_rank), ("study", study),
+                         ("export", export), ("count_ops", count_ops), ("plots", plots)):
+        p = script.get_args_parser()
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        out += [(f"{name} {s}", sp) for s, sp in subs[0].choices.items()] if subs else [(name, p)]
+    return out
+
+
+@pytest.mark.parametrize("name, parser", parsers_of_every_script(), ids=lambda v: str(v)[:20])
+def test_help_shows_every_default(name, parser):
+    """--help states each flag's default (the value the record holds), or the flag's own help
+    says what its default is (plots' -o: beside the input)."""
+    import argparse
+    text = "".join(parser.format_help().split())      # help wraps lines anywhere
+    missing = [a.option_strings[0] for a in parser._actions if a.option_strings
+               and a.default is not argparse.SUPPRESS
+               and f"default:{a.default}".replace(" ", "") not in text
+               and "default:" not in "".join((a.help or "").split())]
+    assert not missing, f"{name}: --help does not show the default of {missing}"

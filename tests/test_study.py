@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import study
+from blockswap.cli import run_cli
+from conftest import one_error_line, study_argv
 from blockswap.files import load_checkpoint
 from models import UserError, WideResNet
 from blockswap.proxies import PROXIES, get_proxy
@@ -89,3 +91,49 @@ def test_study_refuses_other_settings(tmp_path, tiny_imagefolder):
     run(tmp_path, tiny_imagefolder, ["--proxies", "params"])
     with pytest.raises(UserError, match=r"records different settings \(epochs 1 then, 2 now\)"):
         run(tmp_path, tiny_imagefolder, ["--proxies", "params", "--epochs", "2"])
+
+
+STUDY_BAD = {
+    "infeasible_goal": (["--param_goal", "10"], "no genotype has params within"),
+    "no_cuda": (["--device", "cuda"], "--device cuda: no CUDA GPU"),
+    "candidates_0": (["--candidates", "0"], "--candidates: 0: must be at least 3"),
+    "epochs_0": (["--epochs", "0"], "--epochs: 0: must be at least 1"),
+    "no_data": (["--data_loc", "/nonexistent"], "not found at /nonexistent"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STUDY_BAD))
+def test_study_validates_before_writing(case, tiny_imagefolder, tmp_path, capsys):
+    if case == "no_cuda" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    extra, message = STUDY_BAD[case]
+    err = one_error_line(capsys, lambda: run_cli(study.main, study.get_args_parser(),
+                         study_argv(tmp_path / "out", tiny_imagefolder, *extra)), tmp_path)
+    assert message in err and not (tmp_path / "out").exists()
+
+
+def test_study_survives_a_kill_in_candidate_0(tiny_imagefolder, tmp_path, monkeypatch):
+    block = tmp_path / "myblock_s8.py"
+    block.write_text("import torch.nn as nn\nfrom models.blocks import register_block\n"
+                     "register_block('MyConvS8', lambda i, o, s: nn.Conv2d(i, o, 3, s, 1))\n")
+    args = study.get_args_parser().parse_args(
+        study_argv(tmp_path, tiny_imagefolder, "--module", str(block)))
+    from blockswap import engine
+    real = engine.train_on
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(engine, "train_on", killed)
+    with pytest.raises(KeyboardInterrupt):
+        study.main(args)
+    path = tmp_path / "study.csv"
+    header = path.read_text()
+    assert header.count("\n") == 1 and header.startswith("index,convs,params,macs,fisher,")
+    monkeypatch.setattr(engine, "train_on", real)
+    for left in ("", header, header + "0,['Conv', 'Co"):   # 0 bytes, header only, a torn row
+        path.write_text(left)
+        df = study.main(args)
+        assert list(df["index"]) == [0, 1, 2]
+        text = path.read_text()
+        assert text.count("index,") == 1 and text.count("\n") == 4, text
+        path.write_text(header)

@@ -8,7 +8,7 @@ import pytest
 
 from blockswap import engine
 import study
-from test_safety import study_argv
+from conftest import study_argv
 
 
 def run_study(folder, data, *extra):

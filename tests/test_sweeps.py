@@ -97,3 +97,28 @@ def test_sweep_table_from_checkpoints(tmp_path, tiny_imagefolder):
     assert (df["epochs"] == 1).all() and ((df["error"] / 10) % 1 == 0).all()  # 10 val images
     plots_cli.main(plots_cli.get_args_parser().parse_args(["sweep", str(tmp_path)]))
     assert (tmp_path / "sweep.csv").is_file() and (tmp_path / "sweep.png").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------------------------
+# The sweep scripts resume a checkpoint instead of reusing it (a stand-in `python` records
+# the commands).
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script,name", [("bash/blockswap.sh", "wrn_40_2_1"),
+                                         ("bash/moonshine.sh", "wrn_40_2_1")])
+def test_scripts_resume_existing_checkpoints(script, name, tmp_path):
+    bin_dir, ck = tmp_path / "bin", tmp_path / "ck"
+    bin_dir.mkdir()
+    ck.mkdir()
+    (bin_dir / "python").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls"}\n')
+    (bin_dir / "python").chmod(0o755)
+    (ck / f"{name}.t7").write_bytes(b"half-trained")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "QUICK": "1",
+           "QUICK_CHECKPOINTS": str(ck), "QUICK_OUT": str(tmp_path / "out"), "BUDGETS": "162000"}
+    subprocess.run(["bash", script], cwd=ROOT, env=env, check=True, capture_output=True)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    trains = [c.split() for c in calls if c.startswith("main.py")]
+    teacher = [c for c in trains if c[2] == "teacher"]
+    assert len(teacher) == 1 and "--resume" in teacher[0]
+    assert trains[1:] and all("--resume" not in c for c in trains[1:])   # no checkpoint yet
+    assert all(str(tmp_path / "out") in c for c in calls if c.startswith("fisher_rank.py"))

@@ -1,4 +1,4 @@
-"""What a new user tripped on (issue 21): a tensor cache of another folder, damaged images and
+"""What a new user trips on, each ending in one clear line or the right file: a tensor cache of another folder, damaged images and
 settings files, a CUDA latency device without CUDA, search outputs of another network beside
 the shipped genotypes, small wrong messages, and progress bars in log files."""
 import argparse
@@ -21,20 +21,7 @@ from blockswap import tensor_data
 from blockswap.cli import run_cli
 from models import UserError
 from test_fisher_rank_cli import GOAL, argv, cached_cost_tables  # noqa: F401 (autouse fixture)
-from test_safety import files
-
-
-def one_line(capsys, call, folder=None):
-    """call() ends as exit 2 with one `error:` line; nothing under `folder` changed."""
-    before = files(folder) if folder else None
-    with pytest.raises(SystemExit) as e:
-        call()
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    if folder:
-        assert files(folder) == before
-    return err
+from conftest import one_error_line as one_line
 
 
 def search_cli(data, out, *extra):
@@ -301,7 +288,7 @@ def test_decoding_and_search_log_without_carriage_returns(tiny_imagefolder, tmp_
 
 def study_cli(folder, data, *extra):
     import study
-    from test_safety import study_argv
+    from conftest import study_argv
     p = study.get_args_parser()
     return lambda: run_cli(study.main, p, study_argv(folder, data, *extra))
 
@@ -315,7 +302,7 @@ def test_a_second_study_into_one_out_is_refused(tiny_imagefolder, tmp_path, caps
 
 def test_study_rows_read_back_are_unique_by_index(tiny_imagefolder, tmp_path):
     import study
-    from test_safety import study_argv
+    from conftest import study_argv
     args = study.get_args_parser().parse_args(study_argv(tmp_path, tiny_imagefolder))
     df = study.main(args)
     path = tmp_path / "study.csv"

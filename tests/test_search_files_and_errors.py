@@ -1,7 +1,6 @@
 """The search never does something silently wrong: it says where its candidates come from,
 never overwrites another search's genotype files, refuses another data set or a second live
 run on resume, and ends bad input with one line, exit status 2 and nothing written."""
-import argparse
 import hashlib
 import json
 import os
@@ -14,6 +13,7 @@ import pytest
 
 from blockswap import count_ops
 import fisher_rank
+from conftest import one_error_line, run
 from blockswap import funcs
 from blockswap import search
 from blockswap.funcs import Budget, load_genotype
@@ -26,42 +26,17 @@ OTHER_NET = ["Conv"] * 18                  # a WRN-40-2 genotype: not for WRN-10
 OUT_OF_BUDGET = ["Conv"] * 3               # WRN-10-1, 77,850 params: outside 20,000 +-30%
 
 
-def run(data, out, *extra):
-    return fisher_rank.main(fisher_rank.get_args_parser().parse_args(argv(data, out, *extra)))
-
-
-def snapshot(root):
-    """{relative path: bytes} of every file under root."""
-    out = {}
-    for d, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(d, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = fh.read()
-    return out
-
-
 def write_archs(path, genotypes):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     pd.DataFrame({"convs": [repr(g) for g in genotypes]}).to_csv(path)
     return str(path)
 
 
-def assert_one_error_line(capsys, call, tmp_path, match):
-    before = snapshot(tmp_path)
-    with pytest.raises(SystemExit) as e:
-        call()
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
-    assert match in err[0]
-    assert snapshot(tmp_path) == before            # nothing created or changed
-
-
 @pytest.fixture(scope="module")
 def searched(tiny_imagefolder, tmp_path_factory):
     """One finished search of 3 candidates (top 2 kept), copied by the tests that resume it."""
     out = tmp_path_factory.mktemp("searched")
-    return out, run(tiny_imagefolder, out, "--samples", "3", "--top_n", "2", "--no-plot")
+    return out, run(fisher_rank, *argv(tiny_imagefolder, out, "--samples", "3", "--top_n", "2", "--no-plot"))
 
 
 def copy_of(searched, tmp_path):
@@ -126,7 +101,7 @@ def test_bad_search_input_is_one_line(case, tiny_imagefolder, tmp_path, monkeypa
     (tmp_path / "genotypes").mkdir()
     extra = setup(tmp_path, monkeypatch) or []
     a = argv(tiny_imagefolder, tmp_path, "--samples", "2", *extra)
-    assert_one_error_line(capsys, lambda: run_cli(fisher_rank.main,
+    one_error_line(capsys, lambda: run_cli(fisher_rank.main,
                                                   fisher_rank.get_args_parser(), a),
                           tmp_path, match)
 
@@ -135,7 +110,7 @@ def test_bad_search_input_is_one_line(case, tiny_imagefolder, tmp_path, monkeypa
 def test_read_only_results_folder_by_mode(tiny_imagefolder, tmp_path, capsys):
     (tmp_path / "results").mkdir(mode=0o555)
     a = argv(tiny_imagefolder, tmp_path, "--samples", "2")
-    assert_one_error_line(capsys, lambda: run_cli(fisher_rank.main,
+    one_error_line(capsys, lambda: run_cli(fisher_rank.main,
                                                   fisher_rank.get_args_parser(), a),
                           tmp_path, "not writable")
 
@@ -148,7 +123,7 @@ def test_read_only_results_folder_by_mode(tiny_imagefolder, tmp_path, capsys):
     (["--latency", "--threads", "0"], "argument --threads: 0: must be at least 1"),
 ])
 def test_bad_count_ops_input_is_one_line(flags, match, tmp_path, capsys):
-    assert_one_error_line(capsys, lambda: run_cli(count_ops.main, count_ops.get_args_parser(),
+    one_error_line(capsys, lambda: run_cli(count_ops.main, count_ops.get_args_parser(),
                                                   ["--wrn_depth", "10", *flags]),
                           tmp_path, match)
 
@@ -173,15 +148,6 @@ def test_count_ops_accepts_module(tmp_path):
 def test_genotype_path_that_is_a_folder(tmp_path):
     with pytest.raises(UserError, match="is a directory"):
         load_genotype(str(tmp_path))
-
-
-@pytest.mark.parametrize("parser", [fisher_rank.get_args_parser, count_ops.get_args_parser])
-def test_help_shows_every_default(parser):
-    p = parser()
-    text = " ".join(p.format_help().split())
-    for a in p._actions:
-        if a.option_strings and a.default is not argparse.SUPPRESS:
-            assert f"(default: {a.default})" in text, a.option_strings
 
 
 # --- item 1: the candidate source is said, hashed, and a foreign file is skipped ---------------
@@ -218,7 +184,7 @@ def test_settings_record_the_archs_hash_not_its_path(tiny_imagefolder, tmp_path)
         search.cost_table(search.SearchConfig.from_args(fisher_rank.get_args_parser().parse_args(
             argv(tiny_imagefolder, tmp_path))), 10),
         2, Budget(GOAL, None, 0.3), seed=3))
-    s = run(tiny_imagefolder, tmp_path, "--samples", "1", "--save_file", a, "--no-plot")
+    s = run(fisher_rank, *argv(tiny_imagefolder, tmp_path, "--samples", "1", "--save_file", a, "--no-plot"))
     text = open(s["results"][:-4] + ".json").read()
     digest = hashlib.sha256(open(a, "rb").read()).hexdigest()
     assert json.loads(text)["candidates"] == f"sha256:{digest}" and str(tmp_path) not in text
@@ -253,7 +219,7 @@ def test_another_search_never_overwrites_genotype_files(searched, tiny_imagefold
     copy_of(searched, tmp_path)
     a = argv(tiny_imagefolder, tmp_path, "--samples", "3", "--seed", "1",
              "--results_dir", str(tmp_path / "other_results"))
-    assert_one_error_line(capsys, lambda: run_cli(fisher_rank.main,
+    one_error_line(capsys, lambda: run_cli(fisher_rank.main,
                                                   fisher_rank.get_args_parser(), a),
                           tmp_path, "holds another search's genotype")
 
@@ -263,10 +229,10 @@ def test_another_search_never_overwrites_genotype_files(searched, tiny_imagefold
 def test_resume_on_other_data_is_refused(searched, tiny_imagefolder, tmp_path):
     copy_of(searched, tmp_path)
     moved = shutil.copytree(tiny_imagefolder, tmp_path / "moved")
-    assert run(moved, tmp_path, "--samples", "3", "--top_n", "2", "--no-plot")["n_scored"] == 0
+    assert run(fisher_rank, *argv(moved, tmp_path, "--samples", "3", "--top_n", "2", "--no-plot"))["n_scored"] == 0
     os.remove(sorted((tmp_path / "moved" / "train" / "cat").iterdir())[0])
     with pytest.raises(UserError, match="data .*'images': 40.* then, .*'images': 39"):
-        run(moved, tmp_path, "--samples", "3", "--top_n", "2", "--no-plot")
+        run(fisher_rank, *argv(moved, tmp_path, "--samples", "3", "--top_n", "2", "--no-plot"))
 
 
 # --- item 6: one live search per results file ------------------------------------------------
@@ -279,13 +245,13 @@ def test_a_live_lock_refuses_a_stale_one_is_taken_over(searched, tiny_imagefolde
     try:
         lock.write_text(f"{live.pid} {os.uname().nodename}\n")
         a = argv(tiny_imagefolder, tmp_path, "--samples", "3", "--top_n", "2", "--no-plot")
-        assert_one_error_line(capsys, lambda: run_cli(fisher_rank.main,
+        one_error_line(capsys, lambda: run_cli(fisher_rank.main,
                                                       fisher_rank.get_args_parser(), a),
                               tmp_path, f"another run (process {live.pid}) is writing")
     finally:
         live.kill()
         live.wait()
-    s = run(tiny_imagefolder, tmp_path, "--samples", "3", "--top_n", "2", "--no-plot")
+    s = run(fisher_rank, *argv(tiny_imagefolder, tmp_path, "--samples", "3", "--top_n", "2", "--no-plot"))
     assert f"taking over the stale lock of process {live.pid}" in capsys.readouterr().out
     assert s["n_scored"] == 0 and not lock.exists()
 
@@ -296,7 +262,7 @@ def test_fewer_samples_than_stored_ranks_the_first(searched, tiny_imagefolder, t
     summary = copy_of(searched, tmp_path)
     results = tmp_path / "results" / f"{NET}fisher_at_{GOAL}.csv"
     before = results.read_bytes()
-    s = run(tiny_imagefolder, tmp_path, "--samples", "2", "--top_n", "2", "--no-plot")
+    s = run(fisher_rank, *argv(tiny_imagefolder, tmp_path, "--samples", "2", "--top_n", "2", "--no-plot"))
     assert "holds 3 candidates; ranking the first 2" in capsys.readouterr().out
     assert s["n_scored"] == 0 and sorted(s["ranking"]) == [0, 1]
     assert results.read_bytes() == before
