@@ -30,8 +30,7 @@ from blockswap.jobs import LaunchSettings, launch_settings
 from blockswap.latency import Timing, load_or_measure, timed_network, timing_from_args
 from blockswap.loaders import (BATCH_SIZE, LOADER, WORKERS, DataSpec, TensorImages,
                                augmented_batches, choose_loader, dataset_identity, tensor_images)
-from models import BLOCK_TYPES, SEARCH_SPACE, Network, UserError, get_block_type, load_block_module
-from models.blocks import BUILTIN_BLOCKS
+from models import SEARCH_SPACE, Network, UserError, get_block_type, load_block_module
 from models.archs import WRN_DEPTH, WRN_WIDTH, default_arch
 from blockswap.plots import plot_search
 from blockswap.proxies import get_proxy, proxy_spec
@@ -155,11 +154,9 @@ def search_space(module: Optional[str], blocks: Optional[Tuple[str, ...]],
     """Block names searched over: --blocks, else the network family's space (`default`) plus
     the user's block types (--module's). The one place the search's block names are checked
     (after --module registers its own)."""
-    if module:
-        load_block_module(module)
+    added = load_block_module(module) if module else ()
     if not blocks:
-        return tuple(default) + tuple(n for n in BLOCK_TYPES
-                                      if n not in BUILTIN_BLOCKS and n not in default)
+        return tuple(default) + tuple(n for n in added if n not in default)
     for name in blocks:
         try:
             get_block_type(name)

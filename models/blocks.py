@@ -169,7 +169,6 @@ MB_EXPANSIONS, MB_KERNELS = (1, 3, 6), (3, 5, 7)
 
 
 BLOCK_TYPES: Dict[str, BlockType] = _builtin_rows()
-BUILTIN_BLOCKS = frozenset(BLOCK_TYPES)   # the rest were registered by a user (--module)
 
 # The block types the original search sampled from (funcs.string_to_conv and the extra
 # bottlenecks its published genotypes use): the default search space of fisher_rank.py.
@@ -195,16 +194,22 @@ def _origin(build) -> tuple:
     return getattr(build, "__module__", None), getattr(build, "__qualname__", repr(build))
 
 
-def load_block_module(path: str) -> None:
+def load_block_module(path: str) -> Tuple[str, ...]:
     """Import a user's Python file (`--module path.py`); it calls register_block() and/or
     models.register_arch(). Once per process and file version: a family's is_member must
-    see the classes its networks were built from, not a second copy of them."""
+    see the classes its networks were built from, not a second copy of them. Returns the
+    block types that file defines (what a search adds to its space), however often it is
+    called: block types registered by other code in this process are not the file's."""
     if not os.path.isfile(path):
         raise UserError(f"--module {path}: no such file")
     ident = f"{os.path.abspath(path)}:{os.stat(path).st_mtime_ns}"
     name = "blockswap_module_" + hashlib.sha1(ident.encode()).hexdigest()[:12]
-    if name in sys.modules:
-        return
+    if name not in sys.modules:
+        _exec_module(name, path)
+    return tuple(n for n, t in BLOCK_TYPES.items() if _origin(t.build)[0] == name)
+
+
+def _exec_module(name: str, path: str) -> None:
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
