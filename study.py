@@ -118,13 +118,13 @@ class StudyConfig:
 
 # What a resumed study must share with the run that started it (not where it runs: workers,
 # device, the launcher, the output folder; not how it reports: --bootstrap, --stop_if_noisy).
-STUDY_SETTINGS = ("dataset", "data_loc", "loader", "arch", "wrn_depth", "wrn_width", "module",
+STUDY_SETTINGS = ("dataset", "data_loc", "loader", "image_size", "arch", "wrn_depth", "wrn_width", "module",
                   "param_goal", "mac_goal", "tol", "candidates", "proxies", "batch_size",
                   "epochs", "lr", "train_subset", "val_subset", "seed", "train_seeds",
                   "score_seeds", "amp", "init_rule")
 # Recorded since a later version: what a settings file written before then implies.
 STUDY_ADDED = {"tol": Budget.tol, "train_seeds": 1, "score_seeds": 1, "amp": AMP,
-               "init_rule": STUDY_INIT_RULE}
+               "init_rule": STUDY_INIT_RULE, "image_size": None}
 
 
 def get_args_parser():

@@ -30,7 +30,9 @@ QUICK = {
 }
 # scripts with a quick test of their own (tests/test_device_bench.py), or added by others
 # (their last line's format is theirs to pin: here they only have to run)
-OWN_TEST = {"device_bench.py"}
+OWN_TEST = {"device_bench.py", "device_check.py"}
+# Tools that live beside the benchmarks but measure nothing (no --quick): each has a test file.
+TOOLS = {"pack_data.py": "test_pack_data.py", "device_smoke.py": "test_device_check.py"}
 OPTIONAL = {"bench_export.py", "bench_jobs.py"}
 
 
@@ -40,6 +42,10 @@ def bench_scripts():
 
 def test_every_bench_script_has_a_quick_mode():
     for name in bench_scripts():
+        if name in TOOLS:
+            with open(os.path.join(ROOT, "tests", TOOLS[name])) as f:
+                assert name in f.read(), f"tests/{TOOLS[name]} does not run bench/{name}"
+            continue
         with open(os.path.join(ROOT, "bench", name)) as f:
             assert '"--quick"' in f.read(), f"bench/{name} has no --quick mode"
         assert name in QUICK or name in OWN_TEST or name in OPTIONAL, \

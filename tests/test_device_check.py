@@ -10,6 +10,7 @@ import sys
 import tarfile
 
 import pytest
+import torch
 
 from conftest import ROOT, write_imagefolder
 
@@ -202,3 +203,23 @@ def test_quick_mode_end_to_end_then_a_second_call_resumes(tmp_path):
     assert "Study plan (" in summary and "validation on 20," in summary   # the whole test split
     rows = (tmp_path / "out2" / "study.csv").read_text().splitlines()
     assert len(rows) == plan["candidates"] + 1
+
+
+def test_the_smoke_runs_on_a_cpu_and_fails_in_one_line_without_cuda():
+    """bench/device_smoke.py, the check's first step: on a CPU the same code path passes and
+    its Fisher potential agrees with itself; asked for CUDA where there is none it ends with one
+    `smoke failed:` line and a non-zero status, which device_check.py reports and stops on."""
+    smoke = os.path.join(ROOT, "bench", "device_smoke.py")
+    ok = subprocess.run([sys.executable, smoke, "--device", "cpu"], capture_output=True,
+                        text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert ok.stdout.splitlines()[-1].startswith("smoke: ok")
+    assert "Fisher potential: " in ok.stdout and "training step: WRN-16-2" in ok.stdout
+    if torch.cuda.is_available():
+        return
+    bad = subprocess.run([sys.executable, smoke, "--device", "cuda"], capture_output=True,
+                         text=True, timeout=300)
+    failed = [line for line in bad.stdout.splitlines() + bad.stderr.splitlines()
+              if line.startswith("smoke failed:")]
+    assert bad.returncode != 0 and len(failed) == 1 and "no CUDA device" in failed[0]
+    assert "Traceback" not in bad.stderr

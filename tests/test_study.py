@@ -93,6 +93,17 @@ def test_study_refuses_other_settings(tmp_path, tiny_imagefolder):
         run(tmp_path, tiny_imagefolder, ["--proxies", "params", "--epochs", "2"])
 
 
+def test_a_folder_study_refuses_another_image_size(tmp_path, tiny_imagefolder):
+    """The image size is part of a study's settings: a folder studied at 32 pixels does not
+    resume at 24 (its rows would mix two input sizes)."""
+    argv = ["folder", "--data_loc", tiny_imagefolder, "--wrn_depth", "10", "--wrn_width", "1",
+            "--candidates", "3", "--epochs", "1", "--batch_size", "8", "--train_subset", "16",
+            "--val_subset", "10", "--proxies", "params", "--out", str(tmp_path)]
+    study.main(study.get_args_parser().parse_args(argv + ["--image_size", "32"]))
+    with pytest.raises(UserError, match=r"records different settings \(image_size 32 then, 24 now\)"):
+        study.main(study.get_args_parser().parse_args(argv + ["--image_size", "24"]))
+
+
 STUDY_BAD = {
     "infeasible_goal": (["--param_goal", "10"], "no genotype has params within"),
     "no_cuda": (["--device", "cuda"], "--device cuda: no CUDA GPU"),
