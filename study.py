@@ -297,9 +297,12 @@ def ceiling_lines(df, cfg: StudyConfig, predicted) -> list:
     ceiling = noise_ceiling(df, cfg)
     if ceiling is None:
         return []
-    lines = [f"Noise ceiling (seed-to-seed Spearman of the trained errors): {ceiling:+.2f} "
-             "measured.", *noise_lines(df, cfg, predicted)]
-    if ceiling < CEILING_TRUSTED:
+    measured = (f"{ceiling:+.2f} measured." if np.isfinite(ceiling) else
+                "undefined (a training seed gave every candidate the same error: no order "
+                "to compare).")
+    lines = [f"Noise ceiling (seed-to-seed Spearman of the trained errors): {measured}",
+             *noise_lines(df, cfg, predicted)]
+    if not ceiling >= CEILING_TRUSTED:     # NaN too: an undefined ceiling is not a trusted one
         lines.append(f"WARNING: the noise ceiling is below {CEILING_TRUSTED}: two trainings of "
                      "the same candidates disagree about their order about as much as the "
                      "proxies do, so this study cannot rank proxies. Train longer (--epochs) "

@@ -84,6 +84,10 @@ def test_summary_states_images_used_noise_ceiling_warning_and_stability(tiny_ima
     # the variance components of the whole study, beside the measured ceiling
     assert "Predicted noise ceiling (variance components of 20 candidates x 2 seeds)" in text
     assert "seed-to-seed 0 [0, 0]" in quiet
+    # a seed whose candidates all tie (tiny data): the ceiling is undefined, said, and warned of
+    tied = study.report(df.assign(val_error_1=50.0), _cfg(tiny_imagefolder, proxies="snip"), 60)
+    assert "nan" not in tied.split("Predicted")[0] and "undefined (a training seed" in tied
+    assert "WARNING: the noise ceiling" in tied
 
 
 def test_study_with_two_training_and_two_scoring_seeds(tmp_path, tiny_imagefolder, capsys):
