@@ -29,7 +29,6 @@ import pandas as pd
 import torch
 
 from blockswap.cli import HelpFormatter, at_least, positive, progress, run_cli
-from blockswap.count_ops import CostTable
 from blockswap.engine import TrainConfig, candidate_config, train_candidate
 from blockswap.ensembles import VOTE, finite
 from blockswap.files import check_writable, format_convs, pid_lock
@@ -41,7 +40,8 @@ from models import load_block_module, network_args
 from blockswap.plots import plot_study
 from blockswap.proxies import PROXIES, get_proxy, proxy_arg
 from blockswap.runtime import AMP, AMP_CHOICES, DEVICE, device_args, pick_device
-from blockswap.search import SearchConfig, load_batches, score_genotype, training_images
+from blockswap.search import (SearchConfig, cost_table, load_batches, score_genotype,
+                              training_images)
 from blockswap.store import (INIT_RULE, STUDY_INIT_RULE, Candidates, ResultsWriter,
                              candidate_key, check_settings, read_rows, stored_rule)
 from blockswap.variance import CEILING_TRUSTED, early_check_at, noise_warning, variance_components
@@ -320,7 +320,7 @@ def main(args):
               f"wide (use {FEW_CANDIDATES} or more to tell proxies apart)")
     folder = out_dir(cfg)
     device = pick_device(cfg.device)
-    table = CostTable.for_network(cfg.search.network(), names=cfg.search.names())
+    table = cost_table(cfg.search, None)
     candidates = Candidates.of_codes(
         table, sample_codes(table, cfg.candidates, cfg.search.budget(), seed=cfg.seed), "sampled")
     data = get_datasets(cfg.dataset, cfg.data_loc, spec=cfg.search.data_spec())
@@ -379,16 +379,13 @@ def score_all(cfg: StudyConfig, candidates: Candidates, todo, extra, device, dat
         return {}
     x, y, num_classes = fixed_minibatch(cfg, device, data)
     net, batches = cfg.search.network(num_classes), [(x, y)]
-    every = {n: get_proxy(n) for n in cfg.spec.columns}
-    others = {n: every[n] for n in extra}
+    proxies = {n: get_proxy(n) for n in extra}   # not `params`: that is the params column
     out = {}
     for i in progress(todo, desc="scoring"):
         for r in range(cfg.score_seeds):
             key = candidate_key(cfg.seed, i, r, cfg.init_rule)
-            got = score_genotype(net, candidates.genotypes[i], key, batches,
-                                 others if r else every, device)
-            out.setdefault(i, {}).update(
-                {(f"{n}@{r}" if r else n): v for n, v in got.items() if r or n in extra})
+            got = score_genotype(net, candidates.genotypes[i], key, batches, proxies, device)
+            out.setdefault(i, {}).update({(f"{n}@{r}" if r else n): v for n, v in got.items()})
     return out
 
 

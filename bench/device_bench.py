@@ -213,8 +213,10 @@ def main(args):
     speeds, epoch, search = measure(ctx, args)
     print(table(speeds, epoch, search, ctx, args))
     if args.json:
-        with open(args.json, "w") as f:
+        tmp = args.json + ".tmp"   # whole or absent: device_check.py reads it as 'bench done'
+        with open(tmp, "w") as f:
             json.dump(figures(speeds, epoch, search, ctx), f, indent=1)
+        os.replace(tmp, args.json)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,16 @@ REPORT_S = 25      # kept back at the end: a stopped study's grace (15 s), the r
 SIZING_ROW = ("WRN-16-2 teacher", "off", "tensor")   # (network, compile, loader) of the sizing
 
 
+def write_text(path: str, text: str) -> None:
+    """Whole or not at all (a temporary file, then a rename): a second call reads these files'
+    presence as 'done', so a kill mid-write must not leave half of one. (blockswap.files has
+    atomic_write, but importing it brings torch into this torch-free driver.)"""
+    tmp = os.path.join(os.path.dirname(path) or ".", "." + os.path.basename(path) + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 @dataclass(frozen=True)
 class Mode:
     """What differs between the GPU check and its CPU rehearsal (QUICK=1)."""
@@ -279,10 +289,7 @@ class Check:
         order = ("smoke", "data", "tests", "bench", "study")
         text = "# Device check\n\n" + "\n\n".join(self.report[k] for k in order
                                                   if k in self.report) + "\n"
-        tmp = os.path.join(self.out, ".device_check.md.tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(self.out, "device_check.md"))
+        write_text(os.path.join(self.out, "device_check.md"), text)
 
     def smoke(self) -> bool:
         rc, text, s = self.python("smoke", ["bench/device_smoke.py", "--device", self.mode.device],
@@ -323,8 +330,7 @@ class Check:
             rc, text, s = self.python("gpu tests", argv, self.limit("tests"))
             tail = "\n".join(text.strip().splitlines()[-12:])
             state = "exit 0" if rc == 0 else f"exit {rc}" + (" (time limit)" if rc == 124 else "")
-            with open(saved, "w") as f:
-                f.write(f"## The gpu tests ({state}, {s:.0f} s)\n\n```\n{tail}\n```")
+            write_text(saved, f"## The gpu tests ({state}, {s:.0f} s)\n\n```\n{tail}\n```")
         else:
             self.console.say("== gpu tests: done in an earlier call")
         self.report["tests"] = open(saved).read()
@@ -341,8 +347,7 @@ class Check:
             first = next((i for i, l in enumerate(lines) if l.startswith("| network")), None)
             last = next((i for i, l in enumerate(lines) if l.startswith("(batch")), len(lines))
             rows = lines[first:last + 1] if first is not None else ["(no table)"]
-            with open(table, "w") as f:
-                f.write(f"## Device bench ({s:.0f} s, exit {rc})\n\n" + "\n".join(rows))
+            write_text(table, f"## Device bench ({s:.0f} s, exit {rc})\n\n" + "\n".join(rows))
         else:
             self.console.say("== device bench: done in an earlier call")
         self.report["bench"] = open(table).read()
@@ -357,8 +362,7 @@ class Check:
             img_s, start_s = sizing_figures(figures)
             plan = plan_study(self.mode, img_s, start_s, self.left() - REPORT_S, info["train"],
                               info["test"])
-            with open(plan_file, "w") as f:
-                json.dump(plan, f, indent=1)
+            write_text(plan_file, json.dumps(plan, indent=1))
         line = describe_plan(plan)
         self.console.say(line)
         argv = ["study.py", "cifar10", "--data_loc", self.data, "--out", self.path("study"),

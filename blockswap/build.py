@@ -19,7 +19,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from blockswap.files import RunPaths, load_checkpoint, log_of, model_from_checkpoint
+from blockswap.files import (CHECKPOINT_KEYS, RunPaths, load_checkpoint, log_of,
+                             model_from_checkpoint)
 from models import Network, UserError, get_block_type
 
 # The flags that belong to one mode (teacher or student) and what each does.
@@ -190,7 +191,8 @@ def read_weights(path: str, flag: str) -> Tuple[Dict[str, torch.Tensor], Optiona
                         "model.state_dict() gives, alone or under 'state_dict' or 'model')")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
-    return state, (saved if key == "net" else None)
+    ours = key == "net" and all(k in saved for k in CHECKPOINT_KEYS)   # else another code's
+    return state, (saved if ours else None)
 
 
 def classifier_keys(model: nn.Module) -> List[str]:

@@ -5,7 +5,7 @@ import json
 import math
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from models.blocks import UserError
 
@@ -98,16 +98,25 @@ def positive(kind=float):
     return parse
 
 
-def epoch_list(text: str) -> str:
-    """argparse type of --epoch_step: a JSON list of epochs (whole numbers >= 0), checked at
-    parse time; the text itself is kept (a checkpoint records it, and --resume compares)."""
+EPOCH_LIST_HINT = "expected a JSON list of epochs such as '[60,120,160]'"
+
+
+def epoch_steps(text: str) -> Optional[List[int]]:
+    """The epochs of an --epoch_step text (a JSON list of whole numbers >= 0), or None if it
+    is not one: the one rule for the flag and for a TrainConfig built in code."""
     try:
         steps = json.loads(text)
     except ValueError:
-        steps = None
-    if not (isinstance(steps, list) and all(type(s) is int and s >= 0 for s in steps)):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a JSON list of epochs such as "
-                                         "'[60,120,160]'")
+        return None
+    ok = isinstance(steps, list) and all(type(s) is int and s >= 0 for s in steps)
+    return steps if ok else None
+
+
+def epoch_list(text: str) -> str:
+    """argparse type of --epoch_step, checked at parse time; the text itself is kept (a
+    checkpoint records it, and --resume compares)."""
+    if epoch_steps(text) is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: {EPOCH_LIST_HINT}")
     return text
 
 

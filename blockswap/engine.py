@@ -21,7 +21,6 @@ torchrun each of the N processes takes batch_size / N. BatchNorm statistics are 
 DDP), so N processes are equivalent to one process that normalises each 1/N of the batch apart.
 """
 import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from tqdm import tqdm
 
 from blockswap.build import (Teacher, check_mode_flags, check_teacher_classes, genotype_arg,
                              initial_weights, load_teacher, new_model, same_validation)
+from blockswap.cli import EPOCH_LIST_HINT, epoch_steps
 from blockswap.distill import Taps, distill_loss, parse_distill, resolve_distill, term_default
 from blockswap.files import (HISTORY, LOG_FIELDS, RunPaths, append_log, arch_info,
                              check_writable, load_genotype, log_of, model_from_checkpoint,
@@ -322,12 +322,9 @@ def make_scheduler(optimizer, cfg):
     """Stepped once per epoch: cosine to 0, or x lr_decay_ratio at each --epoch_step epoch."""
     if cfg.cosine:
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    try:
-        steps = json.loads(cfg.epoch_step)
-        assert isinstance(steps, list) and all(isinstance(s, int) for s in steps)
-    except (ValueError, AssertionError):
-        raise UserError(f"--epoch_step {cfg.epoch_step!r}: expected a JSON list of epochs "
-                        "such as '[60,120,160]'") from None
+    steps = epoch_steps(cfg.epoch_step)
+    if steps is None:
+        raise UserError(f"--epoch_step {cfg.epoch_step!r}: {EPOCH_LIST_HINT}")
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, steps, gamma=cfg.lr_decay_ratio)
 
 

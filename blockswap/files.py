@@ -190,6 +190,9 @@ def model_from_checkpoint(ckpt: dict, path: str) -> nn.Module:
     return model
 
 
+CHECKPOINT_KEYS = ("net", "epoch", "convs", "num_classes")   # what save_checkpoint always writes
+
+
 def load_checkpoint(path: str) -> dict:
     """A checkpoint written by save_checkpoint; UserError if missing, corrupt or foreign.
     weights_only=True: a checkpoint is a pickle and loading must never run code from it."""
@@ -200,7 +203,7 @@ def load_checkpoint(path: str) -> dict:
     except Exception as e:  # truncated, not a torch file, or holds arbitrary Python objects
         raise UserError(f"{path} is not a readable checkpoint (not a checkpoint written by "
                         f"main.py: {type(e).__name__})") from None
-    missing = [k for k in ("net", "epoch", "convs", "num_classes") if k not in ckpt] \
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] \
         if isinstance(ckpt, dict) else ["net"]
     if missing:
         raise UserError(f"{path} is not a checkpoint of this code (no {', '.join(missing)})")

@@ -247,11 +247,6 @@ class Budget:
     tol: float = 0.025
     latency: object = None
 
-    @classmethod
-    def from_args(cls, args, latency=None) -> "Budget":
-        """--param_goal, --mac_goal and --tol (budget_args), with a quantised latency goal."""
-        return cls(args.param_goal, args.mac_goal, args.tol, latency)
-
 
 def count_genotypes(table, budget: Budget = Budget()) -> float:
     """How many genotypes of `table` lie in the window of one goal (float64; exact below 2^53).

@@ -253,11 +253,6 @@ RECIPES: Dict[str, Recipe] = {"cifar": Recipe(_cifar_steps, Augment),
                               "imagenet": Recipe(_imagenet_steps, ResizedCrop)}
 
 
-def get_transforms(dataset: str, train: bool, cutout: int = 0):
-    """The PIL path's transform of a named data set at its own image size."""
-    return DataSpec.of(dataset).transforms(train, cutout)
-
-
 def _imagefolder_split(root: str, names) -> Optional[str]:
     for n in names:
         d = os.path.join(root, n)

@@ -277,10 +277,8 @@ def candidates_from_file(cfg: SearchConfig, table) -> Optional[Candidates]:
     print(f"candidates: {path} (sha256 {digest[:12]}): {counts}; scoring the first "
           f"{cfg.samples}")
     keep = np.flatnonzero(ok)[:cfg.samples]
-    latency = None if table.latency is None else np.array(
-        [round(table.latency.table.predict(genotypes[i]), 5) for i in keep])
-    return Candidates([genotypes[i] for i in keep], params[keep], macs[keep], latency,
-                      f"sha256:{digest}")
+    return Candidates.of_rows(table, [genotypes[i] for i in keep], params[keep], macs[keep],
+                              f"sha256:{digest}")
 
 
 def get_candidates(cfg: SearchConfig, table) -> Candidates:

@@ -59,6 +59,14 @@ def stored_rule(path: str, legacy: int) -> int:
 # Candidates: one table from sampling (or an archs file) through costing to the rows written
 # --------------------------------------------------------------------------------------------
 
+def predicted_latency(table, genotypes) -> Optional[np.ndarray]:
+    """Each genotype's latency on the table's latency table (ms, 5 decimals as written), or
+    None without a latency goal."""
+    if table.latency is None:
+        return None
+    return np.array([round(table.latency.table.predict(g), 5) for g in genotypes])
+
+
 @dataclass(frozen=True)
 class Candidates:
     """The candidates of a search or a study, in order: their genotypes (block names) and
@@ -71,6 +79,11 @@ class Candidates:
     source: str
 
     @classmethod
+    def of_rows(cls, table, genotypes, params, macs, source: str) -> "Candidates":
+        """Candidates whose costs are already counted (an archs file's rows)."""
+        return cls(genotypes, params, macs, predicted_latency(table, genotypes), source)
+
+    @classmethod
     def of_codes(cls, table, codes: np.ndarray, source: str,
                  genotypes: Optional[List[List[str]]] = None) -> "Candidates":
         """Candidates of type codes (n, positions) into table.names (their genotypes, when
@@ -78,9 +91,7 @@ class Candidates:
         if genotypes is None:
             genotypes = [[table.names[t] for t in row] for row in codes]
         params, macs = table.cost_many(codes) if len(codes) else (np.zeros(0, np.int64),) * 2
-        latency = None if table.latency is None else \
-            np.array([round(table.latency.table.predict(g), 5) for g in genotypes])
-        return cls(genotypes, params, macs, latency, source)
+        return cls(genotypes, params, macs, predicted_latency(table, genotypes), source)
 
     def __len__(self) -> int:
         return len(self.genotypes)

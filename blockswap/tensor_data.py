@@ -25,7 +25,7 @@ from blockswap.files import atomic_write
 from models.blocks import UserError
 
 CACHE_VERSION = 1
-PADDING, CROP = 4, 32   # RandomCrop(32, padding=4), as get_transforms
+PADDING, CROP = 4, 32   # RandomCrop(32, padding=4), as DataSpec.transforms
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
     return ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % 2 ** 63

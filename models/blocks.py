@@ -431,17 +431,17 @@ class Head(nn.Module):
 
 
 def group_slots(channels: Sequence[int], counts: Sequence[int], strides: Sequence[int],
-                size: int) -> List[BlockSlot]:
-    """The slots of a network of groups, as NetworkBlock builds them: group g has counts[g]
-    blocks from channels[g] to channels[g + 1]; its first block has strides[g]; `size` is the
-    input size of the first group."""
+                size: int, kind: str = "preact") -> List[BlockSlot]:
+    """The slots of a network of groups, as NetworkBlock (or torchvision's _make_layer) builds
+    them: group g has counts[g] blocks from channels[g] to channels[g + 1]; its first block
+    has strides[g]; `size` is the input size of the first group; `kind` the slots' kind."""
     slots = []
     for g, (n, s) in enumerate(zip(counts, strides)):
         for i in range(n):
             slots.append(BlockSlot(channels[g] if i == 0 else channels[g + 1], channels[g + 1],
-                                   s if i == 0 else 1, size))
+                                   s if i == 0 else 1, size, kind))
             if i == 0:
-                size = (size + s - 1) // s
+                size = slots[-1].out_size
     return slots
 
 

@@ -2,7 +2,7 @@
 them): their slots, unmodified genotypes and attention taps, without importing torchvision."""
 from typing import List
 
-from models.blocks import BlockSlot
+from models.blocks import BlockSlot, group_slots
 
 # family -> (slot kind, block expansion, blocks per layer), as torchvision.models.resnet
 RESNET_LAYOUT = {"tv_resnet18": ("tv_basic", 1, (2, 2, 2, 2)),
@@ -25,25 +25,15 @@ def _half(size: int) -> int:
 def resnet_slots(arch: str, image_size: int = 224) -> List[BlockSlot]:
     """Every block's channels, stride and input size (the stem conv and max pool halve twice)."""
     kind, expansion, layers = RESNET_LAYOUT[arch]
-    size, slots, inplanes = _half(_half(image_size)), [], 64
-    for g, n in enumerate(layers):
-        out = 64 * 2 ** g * expansion
-        for i in range(n):
-            stride = 2 if g > 0 and i == 0 else 1
-            slots.append(BlockSlot(inplanes, out, stride, size, kind))
-            size, inplanes = (size + stride - 1) // stride, out
-    return slots
+    channels = [64] + [64 * 2 ** g * expansion for g in range(len(layers))]
+    return group_slots(channels, layers, (1, 2, 2, 2), _half(_half(image_size)), kind)
 
 
 def mobilenet_v2_slots(image_size: int = 224) -> List[BlockSlot]:
     """The 17 inverted residuals' channels, stride and input size (the stem halves the size)."""
-    size, slots, cin = _half(image_size), [], MBV2_STEM
-    for _, c, n, s in MBV2_SETTING:
-        for i in range(n):
-            stride = s if i == 0 else 1
-            slots.append(BlockSlot(cin, c, stride, size, "mbconv"))
-            size, cin = (size + stride - 1) // stride, c
-    return slots
+    channels = [MBV2_STEM] + [c for _, c, _, _ in MBV2_SETTING]
+    return group_slots(channels, [n for _, _, n, _ in MBV2_SETTING],
+                       [s for _, _, _, s in MBV2_SETTING], _half(image_size), "mbconv")
 
 
 def mobilenet_v2_taps() -> tuple:

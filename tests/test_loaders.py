@@ -26,7 +26,7 @@ def random_images(n, seed=0, size=32):
 
 
 def torchvision_view(img, oy, ox, flip):
-    """torchvision's steps of get_transforms(train=True) for a given crop offset and flip."""
+    """torchvision's steps of DataSpec.transforms(train=True) for a given crop offset and flip."""
     pil = Image.fromarray(img.permute(1, 2, 0).numpy())
     pil = TF.crop(TF.pad(pil, 4, fill=0), oy, ox, 32, 32)
     if flip:

@@ -239,3 +239,19 @@ def test_sweep_skips_foreign_and_flags_unfinished(tiny_imagefolder, runs, tmp_pa
     err = capsys.readouterr().err
     assert "warning: skipping" in err and "foreign.t7" in err
     assert "unfinished runs" in err and "half" in err
+
+
+@pytest.mark.parametrize("text", ["[true]", "[-3]", "[1.5]", "60,120", "{}"])
+def test_epoch_step_has_one_rule_for_the_flag_and_a_config_built_in_code(text):
+    """--epoch_step is refused at parse time, and a TrainConfig built in code (study.py, the
+    re-rank) with the same text is refused by the scheduler with the same words."""
+    import argparse
+    from blockswap.cli import epoch_list
+    from blockswap.engine import TrainConfig, make_scheduler
+    from models import UserError
+    with pytest.raises(argparse.ArgumentTypeError, match="JSON list of epochs"):
+        epoch_list(text)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    with pytest.raises(UserError, match="JSON list of epochs"):
+        make_scheduler(opt, TrainConfig(epoch_step=text))
+    assert make_scheduler(opt, TrainConfig(epoch_step="[0, 2]")).milestones == {0: 1, 2: 1}

@@ -170,7 +170,8 @@ def test_weights_file_forms_and_a_foreign_file(tmp_path):
     of our checkpoints all read the same; a file without one is one clear error."""
     state = torchvision.models.resnet18(num_classes=3).state_dict()
     forms = {"plain": state, "wrapped": {"state_dict": state, "epoch": 3},
-             "model": {"model": {f"module.{k}": v for k, v in state.items()}}}
+             "model": {"model": {f"module.{k}": v for k, v in state.items()}},
+             "another code's 'net'": {"net": state, "acc": 0.5}}   # not one of our checkpoints
     for name, saved in forms.items():
         torch.save(saved, tmp_path / name)
         got, ckpt = B.read_weights(str(tmp_path / name), "--init_weights")
